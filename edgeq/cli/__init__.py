@@ -1,0 +1,58 @@
+"""The `edgeq` command line.
+
+This package only parses flags, calls the library and prints. Each command
+group lives in its own module and registers itself on `app`. Heavy imports
+(mlx, onnxruntime, ansible) stay inside the library functions, so
+`edgeq --help` answers at once.
+"""
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from edgeq.errors import EdgeqError
+
+
+class _EdgeqGroup(TyperGroup):
+    """Turns EdgeqError into click's one-line `Error: ...` and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeqError as e:
+            raise click.ClickException(str(e)) from None
+
+
+app = typer.Typer(
+    name="edgeq",
+    cls=_EdgeqGroup,
+    help="Package, profile, serve and roll out language models for a device.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+def sub_app(name: str, help: str) -> typer.Typer:
+    """A command group (`edgeq NAME ...`) with the same error handling."""
+    group = typer.Typer(cls=_EdgeqGroup, help=help, no_args_is_help=True)
+    app.add_typer(group, name=name)
+    return group
+
+
+# Command modules register themselves on `app` when imported.
+from edgeq.cli import build as _build  # noqa: E402,F401
+from edgeq.cli import devices as _devices  # noqa: E402,F401
+
+for _optional in ("profile", "serve", "fleet", "artifact"):
+    try:
+        __import__(f"edgeq.cli.{_optional}")
+    except ModuleNotFoundError as _e:  # a command group not written yet
+        if _e.name != f"edgeq.cli.{_optional}":
+            raise
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

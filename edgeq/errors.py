@@ -1,0 +1,40 @@
+"""The exceptions edgeq raises for problems a user can fix.
+
+Each message is one line that names the file, field or flag at fault and
+says what to do. The CLI prints it as ``Error: <message>`` and exits 1,
+without a traceback. Anything else that escapes is a bug in edgeq.
+"""
+
+
+class EdgeqError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+    exit_code = 1
+
+
+class DeviceError(EdgeqError):
+    """devices.toml is wrong, or a device name is unknown."""
+
+
+class ModelError(EdgeqError):
+    """A model folder or file cannot be read or is not supported."""
+
+
+class PlanError(EdgeqError):
+    """No plan satisfies the request (memory, bits, shapes, quality)."""
+
+
+class ArtifactError(EdgeqError):
+    """An artifact is missing, tampered with, or cannot run on the device."""
+
+
+class TargetError(EdgeqError):
+    """A target cannot build or run what was asked."""
+
+
+class FleetError(EdgeqError):
+    """fleet.toml is wrong, or a rollout failed."""
+
+
+class QualityGateError(EdgeqError):
+    """The built artifact lost more quality than the gate allows."""
