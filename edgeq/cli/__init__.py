@@ -42,10 +42,7 @@ def sub_app(name: str, help: str) -> typer.Typer:
 
 
 # Command modules register themselves on `app` when imported.
-from edgeq.cli import build as _build  # noqa: E402,F401
-from edgeq.cli import devices as _devices  # noqa: E402,F401
-
-for _optional in ("profile", "serve", "fleet", "artifact"):
+for _optional in ("devices", "build", "profile", "serve", "fleet", "artifact"):
     try:
         __import__(f"edgeq.cli.{_optional}")
     except ModuleNotFoundError as _e:  # a command group not written yet
