@@ -6,7 +6,6 @@ group lives in its own module and registers itself on `app`. Heavy imports
 `edgeq --help` answers at once.
 """
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -14,13 +13,15 @@ from edgeq.errors import EdgeqError
 
 
 class _EdgeqGroup(TyperGroup):
-    """Turns EdgeqError into click's one-line `Error: ...` and exit code 1."""
+    """Turns EdgeqError into one `Error: ...` line on stderr and its exit code
+    (1), with no traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except EdgeqError as e:
-            raise click.ClickException(str(e)) from None
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
 
 
 app = typer.Typer(
@@ -42,7 +43,7 @@ def sub_app(name: str, help: str) -> typer.Typer:
 
 
 # Command modules register themselves on `app` when imported.
-for _optional in ("devices", "build", "profile", "serve", "fleet", "artifact"):
+for _optional in ("devices", "build", "plan", "profile", "serve", "fleet", "artifact"):
     try:
         __import__(f"edgeq.cli.{_optional}")
     except ModuleNotFoundError as _e:  # a command group not written yet
