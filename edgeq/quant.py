@@ -98,9 +98,7 @@ def dequantize_affine(q, scales, biases, group_size: int) -> np.ndarray:
     """w = scale * q + bias, group by group, as float32 [rows, cols]."""
     rows, cols = q.shape
     g = q.reshape(rows, cols // group_size, group_size).astype(np.float32)
-    w = g * scales[..., None].astype(np.float32) + biases[..., None].astype(
-        np.float32
-    )
+    w = g * scales[..., None].astype(np.float32) + biases[..., None].astype(np.float32)
     return w.reshape(rows, cols)
 
 

@@ -66,9 +66,7 @@ def _llama3_inv_freq(inv, factor, s, cfg):
 
 def _yarn_inv_freq(inv, factor, s, cfg, base):
     dim = cfg.head_dim
-    old_ctx = s.get("original_max_position_embeddings") or (
-        cfg.max_position_embeddings
-    )
+    old_ctx = s.get("original_max_position_embeddings") or (cfg.max_position_embeddings)
     beta_fast = s.get("beta_fast") or 32.0
     beta_slow = s.get("beta_slow") or 1.0
 
@@ -78,13 +76,15 @@ def _yarn_inv_freq(inv, factor, s, cfg, base):
     attn = s.get("attention_factor")
     if attn is None:
         m, m_all = s.get("mscale"), s.get("mscale_all_dim")
-        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else (
-            mscale(factor)
+        attn = (
+            mscale(factor, m) / mscale(factor, m_all)
+            if m and m_all
+            else (mscale(factor))
         )
 
     def corr_dim(rotations):
-        return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (
-            2 * math.log(base)
+        return (
+            dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
         )
 
     low, high = corr_dim(beta_fast), corr_dim(beta_slow)
@@ -241,7 +241,9 @@ class ReferenceModel:
     def _mlp(self, p, x):
         act = gelu_tanh if self.cfg.hidden_act.startswith("gelu") else silu
         gate = act(self._linear(p + "mlp.gate_proj", x))
-        return self._linear(p + "mlp.down_proj", gate * self._linear(p + "mlp.up_proj", x))
+        return self._linear(
+            p + "mlp.down_proj", gate * self._linear(p + "mlp.up_proj", x)
+        )
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         """n greedily generated tokens after ids, through the KV cache."""
@@ -297,9 +299,14 @@ class RandomSource:
         return (arr if rows is None else arr[rows]).copy()
 
     def describe(self) -> dict:
-        return {"name": self.name, "source": "random", "format": "random",
-                "source_sha256": "", "architecture": self.config.architecture,
-                "parameters": int(sum(a.size for a in self._arrays.values()))}  # fmt: skip
+        return {
+            "name": self.name,
+            "source": "random",
+            "format": "random",
+            "source_sha256": "",
+            "architecture": self.config.architecture,
+            "parameters": int(sum(a.size for a in self._arrays.values())),
+        }
 
     @property
     def num_parameters(self) -> int:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
+from edgeq_targets.onnxruntime.ort_engine import ORTEngine
 from onnx import TensorProto, helper, numpy_helper
 from test_onnx_graph import DEVICE, float_plan
 from test_reference import BASE, tiny_config
@@ -24,7 +25,6 @@ from edgeq.errors import TargetError
 from edgeq.models.config import ModelConfig
 from edgeq.planner import PlanRequest, make_plan
 from edgeq.reference import RandomSource, ReferenceModel
-from edgeq_targets.onnxruntime.ort_engine import ORTEngine
 
 
 # -- C05: models over 2 GB ------------------------------------------------------
@@ -93,8 +93,9 @@ def test_c05_every_large_initializer_is_external(tmp_path):
 def test_c06_runtime_kernel_refusal_falls_back_to_standard_ops(tmp_path):
     """GroupQueryAttention refuses head_dim 8 at run time (stories260K has
     it): the builder notices in its smoke run and rebuilds without it."""
-    cfg = ModelConfig(**{**BASE, "architecture": "llama", "num_heads": 8,
-                         "head_dim": 8})  # fmt: skip
+    cfg = ModelConfig(
+        **{**BASE, "architecture": "llama", "num_heads": 8, "head_dim": 8}
+    )
     src = RandomSource(cfg, seed=1)
     opts = GraphOptions(fused_attention=True, context_length=64)
     ob.build(src, float_plan(src), tmp_path, options=opts)
@@ -107,8 +108,9 @@ def test_c06_runtime_kernel_refusal_falls_back_to_standard_ops(tmp_path):
 
 
 def test_c06_default_options_avoid_the_refusal():
-    cfg = ModelConfig(**{**BASE, "architecture": "llama", "head_dim": 8,
-                         "num_heads": 8})  # fmt: skip
+    cfg = ModelConfig(
+        **{**BASE, "architecture": "llama", "head_dim": 8, "num_heads": 8}
+    )
     plan = SimpleNamespace(runtime={"context_length": 64})
     assert ob.default_options(cfg, plan).fused_attention is False
 
@@ -120,24 +122,33 @@ def test_c06_a_graph_that_loads_but_cannot_run_is_refused(tmp_path):
 
     w = numpy_helper.from_array(np.ones((4, 16, 32), np.float32), "W")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "g",
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        "g",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4, 8, 16])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], [w],
-    )  # fmt: skip
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-              tmp_path / "float.onnx")  # fmt: skip
-    quantize_dynamic(tmp_path / "float.onnx", tmp_path / "model.onnx",
-                     per_channel=True, weight_type=QuantType.QInt8)  # fmt: skip
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [w],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        tmp_path / "float.onnx",
+    )
+    quantize_dynamic(
+        tmp_path / "float.onnx",
+        tmp_path / "model.onnx",
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+    )
     with pytest.raises(TargetError, match="loads but fails to run"):
         ob.smoke_check(tmp_path)
 
 
 def test_c06_an_unloadable_model_is_refused_in_one_line(tmp_path):
     graph = helper.make_graph(
-        [helper.make_node("NoSuchOp", ["X"], ["Y"], domain="com.microsoft")], "g",
+        [helper.make_node("NoSuchOp", ["X"], ["Y"], domain="com.microsoft")],
+        "g",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1])],
-    )  # fmt: skip
+    )
     imports = [helper.make_opsetid("", 14), helper.make_opsetid("com.microsoft", 1)]
     onnx.save(helper.make_model(graph, opset_imports=imports), tmp_path / "model.onnx")
     with pytest.raises(TargetError, match="cannot load it") as err:
@@ -195,8 +206,9 @@ def test_c07_choice_is_recorded_in_the_model(tmp_path):
 def outlier_decoder() -> RandomSource:
     """2 layers, hidden 64, vocab 256; 3 hidden channels scaled 50x through
     the RMSNorm weights, so the MLP and attention inputs carry outliers."""
-    cfg = ModelConfig(**{**BASE, "architecture": "llama", "vocab_size": 256,
-                         "intermediate_size": 128})  # fmt: skip
+    cfg = ModelConfig(
+        **{**BASE, "architecture": "llama", "vocab_size": 256, "intermediate_size": 128}
+    )
     src = RandomSource(cfg, seed=7)
     for name in src.tensor_names():
         if name.endswith("layernorm.weight"):
@@ -254,7 +266,9 @@ def test_rule_moves_uniform_int8_to_blocks_of_32():
     assert all(t.reason == "rule" for t in plan.tensors if t.bits == 8)
     four = make_plan(src, get_device(DEVICE), PlanRequest(target="onnxruntime", bits=4))
     before = [(t.bits, t.group_size) for t in four.tensors]
-    assert [(t.bits, t.group_size) for t in ob.default_onnx_rules(four).tensors] == before
+    assert [
+        (t.bits, t.group_size) for t in ob.default_onnx_rules(four).tensors
+    ] == before
 
 
 # -- C09 and C12 ---------------------------------------------------------------------
@@ -282,5 +296,6 @@ def test_c12_tied_table_is_stored_once(tmp_path):
     name = "model.embed_tokens.weight"
     users = [n.op_type for n in model.graph.node if name in n.input]
     assert sorted(users) == ["GatherBlockQuantized", "MatMulNBits"]
-    assert not [n for n in model.graph.node if n.op_type == "Transpose"
-                and name in n.input]  # fmt: skip
+    assert not [
+        n for n in model.graph.node if n.op_type == "Transpose" and name in n.input
+    ]

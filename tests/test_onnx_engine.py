@@ -9,12 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+from edgeq_targets.common.engine import GenerationConfig, load_engine
 from test_reference import ONCE, STORIES
 
 from edgeq.backends import onnx_backend as ob
 from edgeq.devices import get_device
 from edgeq.planner import PlanRequest, make_plan
-from edgeq_targets.common.engine import GenerationConfig, load_engine
 
 RUNNER = Path(__file__).parents[1] / "targets/onnxruntime/ort_engine.py"
 
@@ -55,7 +55,7 @@ def test_greedy_story(stories):
 
 def test_sampling_is_seeded(stories):
     engine = load_engine(stories, threads=1)
-    cfg = dict(max_tokens=24, temperature=0.9, top_k=40, top_p=0.95)
+    cfg = {"max_tokens": 24, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
     a = text_of(engine, "Once upon a time", GenerationConfig(seed=1, **cfg))
     b = text_of(engine, "Once upon a time", GenerationConfig(seed=1, **cfg))
     c = text_of(engine, "Once upon a time", GenerationConfig(seed=2, **cfg))
@@ -117,6 +117,15 @@ def test_runner_imports_only_what_ships():
             modules |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             modules.add(node.module.split(".")[0])
-    allowed = {"onnxruntime", "numpy", "edgeq_targets", "__future__", "json", "os",
-               "time", "pathlib", "resource"}  # fmt: skip
+    allowed = {
+        "onnxruntime",
+        "numpy",
+        "edgeq_targets",
+        "__future__",
+        "json",
+        "os",
+        "time",
+        "pathlib",
+        "resource",
+    }
     assert modules <= allowed, modules - allowed

@@ -33,7 +33,7 @@ def gemma(tmp_path_factory):
 def test_float_logits_match_reference(gemma):
     import numpy as np
 
-    src, tok, engine, ref = gemma
+    _src, tok, engine, ref = gemma
     ids = tok.encode("The capital of France is Paris. The capital of Italy").ids
     assert np.abs(engine.logits(ids) - ref.forward(ids)).max() <= ATOL
     cache, rcache = engine.new_cache(), ref.new_cache()
@@ -45,6 +45,6 @@ def test_float_logits_match_reference(gemma):
 
 
 def test_greedy_tokens_identical(gemma):
-    src, tok, engine, ref = gemma
+    _src, tok, engine, ref = gemma
     ids = tok.encode("Once upon a time").ids
     assert greedy_onnx(engine, ids, 64) == ref.greedy(ids, 64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from edgeq_targets.onnxruntime.ort_engine import ORTEngine
 from test_reference import TINY, tiny_config
 
 from edgeq.backends import onnx_backend as ob
@@ -19,7 +20,6 @@ from edgeq.devices import get_device
 from edgeq.errors import TargetError
 from edgeq.planner import PlanRequest, make_plan
 from edgeq.reference import RandomSource, ReferenceModel
-from edgeq_targets.onnxruntime.ort_engine import ORTEngine
 
 ATOL = 1e-4
 DEVICE = "x86-server-epyc-genoa"
@@ -78,10 +78,10 @@ def test_context_limit_is_a_clear_error(tmp_path):
 
 
 PLANS = {
-    "int8-per-channel": dict(bits=8),
-    "int8-block32": dict(bits=8, group_size=32),
-    "int4-block32": dict(bits=4, group_size=32),
-    "int4-block64": dict(bits=4, group_size=64),
+    "int8-per-channel": {"bits": 8},
+    "int8-block32": {"bits": 8, "group_size": 32},
+    "int4-block32": {"bits": 4, "group_size": 32},
+    "int4-block64": {"bits": 4, "group_size": 64},
 }
 
 
@@ -117,10 +117,10 @@ def test_mixed_plan_is_honoured(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(bits=3, group_size=32), "MatMulNBits takes 2, 4, 8 bits"),
-        (dict(bits=4, group_size=None), "per-channel weights as INT8 only"),
-        (dict(scheme="affine", group_size=32), "symmetric weights only"),
-        (dict(group_size=48), "not a multiple of its group size 48"),
+        ({"bits": 3, "group_size": 32}, "MatMulNBits takes 2, 4, 8 bits"),
+        ({"bits": 4, "group_size": None}, "per-channel weights as INT8 only"),
+        ({"scheme": "affine", "group_size": 32}, "symmetric weights only"),
+        ({"group_size": 48}, "not a multiple of its group size 48"),
     ],
 )
 def test_unsupported_tensor_plans_are_refused_before_work(tmp_path, change, message):

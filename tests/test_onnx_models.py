@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from edgeq_targets.onnxruntime.ort_engine import ORTEngine
 from test_onnx_graph import DEVICE
 from test_reference import STORIES
 
@@ -18,7 +19,6 @@ from edgeq.backends import onnx_backend as ob
 from edgeq.devices import get_device
 from edgeq.planner import PlanRequest, make_plan
 from edgeq.reference import ReferenceModel
-from edgeq_targets.onnxruntime.ort_engine import ORTEngine
 
 ATOL = 1e-3
 GREEDY_TOKENS = 64
@@ -64,13 +64,13 @@ def model(request, tmp_path_factory):
 
 
 def test_float_logits_match_reference(model):
-    src, tok, engine, ref = model
+    _src, tok, engine, ref = model
     text = "It is a truth universally acknowledged, that a single man in possession"
     ids = tok.encode(text).ids[:24]
     check_against_reference(engine, ref, ids)
 
 
 def test_greedy_tokens_identical(model):
-    src, tok, engine, ref = model
+    _src, tok, engine, ref = model
     ids = tok.encode("Once upon a time").ids
     assert greedy_onnx(engine, ids, GREEDY_TOKENS) == ref.greedy(ids, GREEDY_TOKENS)

@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from edgeq_targets.onnxruntime.ort_engine import ORTEngine
 from test_onnx_graph import DEVICE
 
 from edgeq.backends import onnx_backend as ob
 from edgeq.backends.onnx_eval import CachedLogits, compare, token_windows
 from edgeq.devices import get_device
 from edgeq.planner import PlanRequest, make_plan
-from edgeq_targets.onnxruntime.ort_engine import ORTEngine
 
 TEXT = Path(__file__).parents[2] / "shared/text/austen_prideprejudice.txt"
 

@@ -18,45 +18,66 @@ ONCE = (
     "with it, but it was too high."
 )
 
-BASE = dict(
-    hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-    intermediate_size=96, vocab_size=128, max_position_embeddings=256,
-)  # fmt: skip
-GEMMA = dict(
-    architecture="gemma3", qk_norm=True, hidden_act="gelu_pytorch_tanh",
-    sliding_window=4, sliding_window_pattern=2, rope_local_base_freq=10000.0,
-    rope_theta=1e6, query_pre_attn_scalar=24.0, tie_word_embeddings=True,
-    num_layers=3, rms_norm_eps=1e-6,
-)  # fmt: skip
+BASE = {
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 96,
+    "vocab_size": 128,
+    "max_position_embeddings": 256,
+}
+GEMMA = {
+    "architecture": "gemma3",
+    "qk_norm": True,
+    "hidden_act": "gelu_pytorch_tanh",
+    "sliding_window": 4,
+    "sliding_window_pattern": 2,
+    "rope_local_base_freq": 10000.0,
+    "rope_theta": 1e6,
+    "query_pre_attn_scalar": 24.0,
+    "tie_word_embeddings": True,
+    "num_layers": 3,
+    "rms_norm_eps": 1e-6,
+}
 # Tiny configs covering each architecture and RoPE variant; shared with
 # tests/test_onnx_graph.py.
 TINY = {
-    "llama": dict(architecture="llama"),
-    "mistral-mqa": dict(architecture="mistral", num_kv_heads=1),
-    "qwen2-bias": dict(architecture="qwen2", attention_bias=True),
-    "qwen3-qknorm": dict(
-        architecture="qwen3", qk_norm=True, head_dim=32, tie_word_embeddings=True
-    ),
+    "llama": {"architecture": "llama"},
+    "mistral-mqa": {"architecture": "mistral", "num_kv_heads": 1},
+    "qwen2-bias": {"architecture": "qwen2", "attention_bias": True},
+    "qwen3-qknorm": {
+        "architecture": "qwen3",
+        "qk_norm": True,
+        "head_dim": 32,
+        "tie_word_embeddings": True,
+    },
     "gemma3-window": GEMMA,
-    "rope-linear": dict(
-        architecture="llama", rope_scaling={"rope_type": "linear", "factor": 4.0}
-    ),
-    "rope-llama3": dict(
-        architecture="llama",
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
-        },  # fmt: skip
-    ),
-    "rope-yarn": dict(
-        architecture="qwen2",
-        attention_bias=True,
-        rope_scaling={
-            "rope_type": "yarn", "factor": 4.0,
+    "rope-linear": {
+        "architecture": "llama",
+        "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+    },
+    "rope-llama3": {
+        "architecture": "llama",
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
-        },  # fmt: skip
-    ),
+        },
+    },
+    "rope-yarn": {
+        "architecture": "qwen2",
+        "attention_bias": True,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
 }
 
 

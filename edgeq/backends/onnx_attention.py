@@ -14,7 +14,9 @@ def attention(dec, layer: int, h: str) -> str:
     cfg, lin = dec.cfg, dec.lin
     p = f"model.layers.{layer}.self_attn."
     names = [p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"]
-    bias = [n.replace(".weight", ".bias") for n in names] if cfg.attention_bias else None
+    bias = (
+        [n.replace(".weight", ".bias") for n in names] if cfg.attention_bias else None
+    )
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     if dec._fusable(names):
         qkv = lin.linear(h, names, bias)  # [1, S, (H + 2 KV) D]
@@ -42,7 +44,9 @@ def attention(dec, layer: int, h: str) -> str:
 def _head_norm(dec, x: str, heads: int, name: str) -> str:
     """RMSNorm over each head's D values (Qwen3, Gemma 3)."""
     gw = dec.gw
-    x4 = gw.node("Reshape", [x, gw.const("shape_heads", [0, 0, heads, dec.cfg.head_dim])])
+    x4 = gw.node(
+        "Reshape", [x, gw.const("shape_heads", [0, 0, heads, dec.cfg.head_dim])]
+    )
     y = dec._norm(x4, name)
     return gw.node("Reshape", [y, gw.const("shape_flat", [0, 0, -1])])
 
@@ -68,9 +72,15 @@ def _gqa(dec, layer, q, k, v) -> str:
     gw.ms(
         "GroupQueryAttention",
         [
-            q, k, v,
-            f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
-            dec.seqlens_k, dec.total32, cos, sin,
+            q,
+            k,
+            v,
+            f"past_key_values.{layer}.key",
+            f"past_key_values.{layer}.value",
+            dec.seqlens_k,
+            dec.total32,
+            cos,
+            sin,
         ],
         outputs=[out, f"present.{layer}.key", f"present.{layer}.value"],
         num_heads=cfg.num_heads,
@@ -81,7 +91,7 @@ def _gqa(dec, layer, q, k, v) -> str:
         # Both count the query itself: query i sees keys i - W + 1 .. i
         # (checked against the reference with a window shorter than the text).
         local_window_size=window or -1,
-    )  # fmt: skip
+    )
     return out
 
 
@@ -94,10 +104,18 @@ def _standard(dec, layer, q, k, v) -> str:
     v4 = _heads_first(dec, v, KV)
     cos, sin = _rope_rows(dec, layer)  # [S, D]
     q4, k4 = _rotate(dec, q4, cos, sin), _rotate(dec, k4, cos, sin)
-    keys = gw.node("Concat", [f"past_key_values.{layer}.key", k4], axis=2,
-                   outputs=[f"present.{layer}.key"])  # fmt: skip
-    values = gw.node("Concat", [f"past_key_values.{layer}.value", v4], axis=2,
-                     outputs=[f"present.{layer}.value"])  # fmt: skip
+    keys = gw.node(
+        "Concat",
+        [f"past_key_values.{layer}.key", k4],
+        axis=2,
+        outputs=[f"present.{layer}.key"],
+    )
+    values = gw.node(
+        "Concat",
+        [f"past_key_values.{layer}.value", v4],
+        axis=2,
+        outputs=[f"present.{layer}.value"],
+    )
     keys, values = _repeat_kv(dec, keys, H // KV), _repeat_kv(dec, values, H // KV)
     kt = gw.node("Transpose", [keys], perm=[0, 1, 3, 2])  # [1, H, D, T]
     scores = gw.node("MatMul", [q4, kt])  # [1, H, S, T]
@@ -134,7 +152,9 @@ def _rotate(dec, x: str, cos: str, sin: str) -> str:
     """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
     gw = dec.gw
     half = dec.cfg.head_dim // 2
-    x1, x2 = gw.node("Split", [x, gw.const("split_half", [half, half])], n_out=2, axis=-1)
+    x1, x2 = gw.node(
+        "Split", [x, gw.const("split_half", [half, half])], n_out=2, axis=-1
+    )
     rot = gw.node("Concat", [gw.node("Neg", [x2]), x1], axis=-1)
     return gw.node("Add", [gw.node("Mul", [x, cos]), gw.node("Mul", [rot, sin])])
 

@@ -43,16 +43,21 @@ def int8_settings(device) -> QuantSettings:
     isa = set(getattr(device, "isa", ()) or ())
     arch = getattr(device, "arch", "")
     if arch == "x86_64" and isa & {"avx512_vnni", "avx_vnni"}:
-        return QuantSettings(False, 4, "x86 with VNNI: u8 x s8 dot products do not saturate")
+        return QuantSettings(
+            False, 4, "x86 with VNNI: u8 x s8 dot products do not saturate"
+        )
     if arch == "x86_64":
         return QuantSettings(
-            True, 4,
+            True,
+            4,
             "x86 without VNNI: per-channel INT8 weights use 7 bits (reduce_range) "
             "so that u8 x s8 pair sums fit int16 (vpmaddubsw); unverified here",
-        )  # fmt: skip
+        )
     if arch == "arm64":
-        note = "arm64 with dot product" if "dotprod" in isa else (
-            "arm64 without dot product: MatMulNBits int8 path unverified"
+        note = (
+            "arm64 with dot product"
+            if "dotprod" in isa
+            else ("arm64 without dot product: MatMulNBits int8 path unverified")
         )
         return QuantSettings(False, 4, note)
     return QuantSettings(False, 4, f"unknown arch '{arch}': ONNX Runtime defaults")
@@ -69,13 +74,21 @@ def _device(name: str):
 
 
 def build(
-    source, plan, out: Path, progress=None, *, options: GraphOptions | None = None,
+    source,
+    plan,
+    out: Path,
+    progress=None,
+    *,
+    options: GraphOptions | None = None,
     single_file: bool = False,
-) -> list[str]:  # fmt: skip
+    settings: QuantSettings | None = None,
+) -> list[str]:
     """Write model.onnx + model.onnx.data into `out`; returns the file names.
 
     Every tensor is read once, quantized per the plan and written before the
-    next is read. If ONNX Runtime cannot open the graph with fused contrib
+    next is read. `options` and `settings` override the graph options and
+    the device's INT8 settings (bench, tests). If ONNX Runtime cannot open
+    or run the graph with fused contrib
     ops, it is rebuilt with standard ops only (recorded in the metadata);
     if that fails too, TargetError (an unloadable model is never returned).
     """
@@ -89,12 +102,15 @@ def build(
             "single-file models are not offered"
         )
     opts = options or default_options(source.config, plan)
-    settings = int8_settings(_device(plan.device))
+    settings = settings or int8_settings(_device(plan.device))
     _write(source, plan, out, opts, settings, progress)
     error = _session_error(out)
     if error and (opts.fused_attention or opts.fused_norms):
-        log.warning("ONNX Runtime cannot run the fused graph (%s); rebuilding "
-                    "with standard ops", error)  # fmt: skip
+        log.warning(
+            "ONNX Runtime cannot run the fused graph (%s); rebuilding "
+            "with standard ops",
+            error,
+        )
         plain = replace(opts, fused_attention=False, fused_norms=False)
         _write(source, plan, out, plain, settings, None, fallback=error)
         error = _session_error(out)
@@ -127,10 +143,14 @@ def default_onnx_rules(plan, device=None):
     for t in plan.tensors:
         if t.bits == 8 and t.group_size is None and t.shape[-1] % INT8_BLOCK == 0:
             t.group_size, t.reason = INT8_BLOCK, "rule"
-            t.note = ("INT8 block 32 (MatMulNBits, int8 activations per block): "
-                      "per-tensor activation quantization loses outlier channels")  # fmt: skip
-    if device is not None and getattr(device, "arch", "") == "arm64" and (
-        "dotprod" not in (getattr(device, "isa", ()) or ())
+            t.note = (
+                "INT8 block 32 (MatMulNBits, int8 activations per block): "
+                "per-tensor activation quantization loses outlier channels"
+            )
+    if (
+        device is not None
+        and getattr(device, "arch", "") == "arm64"
+        and ("dotprod" not in (getattr(device, "isa", ()) or ()))
     ):
         plan.warnings.append(
             "MatMulNBits int8 kernels want ARM dot-product instructions, which "
@@ -143,8 +163,11 @@ def default_options(cfg, plan) -> GraphOptions:
     """Fused contrib ops where ONNX Runtime's kernels take the shapes."""
     fused_attention = cfg.head_dim % 16 == 0
     if not fused_attention:
-        log.info("head_dim %d is not a multiple of 16 (GroupQueryAttention's "
-                 "requirement): attention uses standard ops", cfg.head_dim)  # fmt: skip
+        log.info(
+            "head_dim %d is not a multiple of 16 (GroupQueryAttention's "
+            "requirement): attention uses standard ops",
+            cfg.head_dim,
+        )
     return GraphOptions(
         fused_attention=fused_attention,
         context_length=int(plan.runtime.get("context_length", 4096)),
@@ -236,7 +259,9 @@ def runtime_requirements(plan, device) -> dict:
     for t in plan.tensors:
         if t.quantized:
             kinds.add("per_channel" if t.group_size is None else "nbits")
-    ort_min = max((MIN_ORT[k] for k in kinds), key=lambda v: tuple(map(int, v.split("."))))
+    ort_min = max(
+        (MIN_ORT[k] for k in kinds), key=lambda v: tuple(map(int, v.split(".")))
+    )
     settings = int8_settings(device)
     return {
         "packages": {
@@ -272,7 +297,9 @@ def smoke_check(folder: Path) -> None:
     try:
         sess = _open_session(path)
     except Exception as e:  # noqa: BLE001
-        raise TargetError(f"{path}: ONNX Runtime cannot load it: {_one_line(e)}") from None
+        raise TargetError(
+            f"{path}: ONNX Runtime cannot load it: {_one_line(e)}"
+        ) from None
     try:
         _prefill_and_decode(sess)
     except Exception as e:  # noqa: BLE001
@@ -298,16 +325,21 @@ def _prefill_and_decode(sess) -> None:
         raise ValueError(f"decode step gave logits {shape}, not finite [1, 1, vocab]")
 
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32}  # fmt: skip
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
 
 
 def _zeros(arg) -> np.ndarray:
     """Zeros for a graph input: cache inputs get length 0, other dynamic
     dimensions 1."""
     past = arg.name.startswith("past_key_values.")
-    shape = [d if isinstance(d, int) else (0 if past and i == 2 else 1)
-             for i, d in enumerate(arg.shape)]  # fmt: skip
+    shape = [
+        d if isinstance(d, int) else (0 if past and i == 2 else 1)
+        for i, d in enumerate(arg.shape)
+    ]
     return np.zeros(shape, _ORT_TYPES.get(arg.type, np.float32))
 
 

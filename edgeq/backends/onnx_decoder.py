@@ -84,13 +84,15 @@ class DecoderGraph:
         for i in range(cfg.num_layers):
             for kind in ("key", "value"):
                 gw.add_input(
-                    f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                    f"past_key_values.{i}.{kind}",
+                    TensorProto.FLOAT,
                     [1, kv, "past_sequence_length", d],
-                )  # fmt: skip
+                )
                 gw.add_output(
-                    f"present.{i}.{kind}", TensorProto.FLOAT,
+                    f"present.{i}.{kind}",
+                    TensorProto.FLOAT,
                     [1, kv, "total_sequence_length", d],
-                )  # fmt: skip
+                )
 
     def _positions(self, ids: str) -> None:
         """Sequence lengths, computed once from the input shapes."""
@@ -128,9 +130,12 @@ class DecoderGraph:
         w, eps = self._norm_weight(name), self.cfg.rms_norm_eps
         if self.opts.fused_norms:
             return self.gw.node(
-                "SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=eps,
+                "SimplifiedLayerNormalization",
+                [x, w],
+                axis=-1,
+                epsilon=eps,
                 stash_type=1,
-            )  # fmt: skip
+            )
         return self._rms_standard(x, w, eps)
 
     def _rms_standard(self, x: str, w: str, eps: float) -> str:
@@ -150,9 +155,11 @@ class DecoderGraph:
         w = self._norm_weight(name)
         normed, total = self.gw.fresh("normed"), self.gw.fresh("residual")
         self.gw.ms(
-            "SkipSimplifiedLayerNormalization", [delta, x, w],
-            outputs=[normed, "", "", total], epsilon=self.cfg.rms_norm_eps,
-        )  # fmt: skip
+            "SkipSimplifiedLayerNormalization",
+            [delta, x, w],
+            outputs=[normed, "", "", total],
+            epsilon=self.cfg.rms_norm_eps,
+        )
         return normed, total
 
     # -- one block ---------------------------------------------------------------
@@ -176,7 +183,9 @@ class DecoderGraph:
             g, u = gw.node("Split", [both, sizes], n_out=2, axis=-1)
         else:
             g, u = self.lin.linear(h, [gate]), self.lin.linear(h, [up])
-        return self.lin.linear(gw.node("Mul", [self._act(g), u]), [p + "mlp.down_proj.weight"])
+        return self.lin.linear(
+            gw.node("Mul", [self._act(g), u]), [p + "mlp.down_proj.weight"]
+        )
 
     def _act(self, g: str) -> str:
         gw = self.gw
@@ -186,10 +195,14 @@ class DecoderGraph:
             return gw.ms("FastGelu", [g])  # the tanh approximation
         c = gw.const("gelu_c", math.sqrt(2 / math.pi), np.float32)
         cube = gw.node("Mul", [gw.node("Mul", [g, g]), g])
-        inner = gw.node("Add", [g, gw.node("Mul", [cube, gw.const("k", 0.044715, np.float32)])])
+        inner = gw.node(
+            "Add", [g, gw.node("Mul", [cube, gw.const("k", 0.044715, np.float32)])]
+        )
         t = gw.node("Tanh", [gw.node("Mul", [inner, c])])
         half = gw.node("Mul", [g, gw.const("half", 0.5, np.float32)])
-        return gw.node("Mul", [half, gw.node("Add", [t, gw.const("one_f", 1.0, np.float32)])])
+        return gw.node(
+            "Mul", [half, gw.node("Add", [t, gw.const("one_f", 1.0, np.float32)])]
+        )
 
     def _fusable(self, names: list[str]) -> bool:
         if not self.opts.fuse_projections:

@@ -60,7 +60,8 @@ class GraphWriter:
         self._names: dict[str, int] = {}
         # small arrays kept for later nodes that need them in another shape
         self.initializers_by_name: dict[str, np.ndarray] = {}
-        self._data = open(self.out / data_name, "wb")
+        # Held open across add calls; closed by save() or close().
+        self._data = open(self.out / data_name, "wb")  # noqa: SIM115
 
     # -- names and tensors ---------------------------------------------------
     def fresh(self, stem: str) -> str:
@@ -96,9 +97,14 @@ class GraphWriter:
 
     # -- nodes ---------------------------------------------------------------
     def node(
-        self, op: str, inputs: list, n_out: int = 1, domain: str = "", outputs=None,
+        self,
+        op: str,
+        inputs: list,
+        n_out: int = 1,
+        domain: str = "",
+        outputs=None,
         **attrs,
-    ):  # fmt: skip
+    ):
         """Append a node; returns its output name (or names if n_out > 1).
         `outputs` names them explicitly ("" for an unused optional output)."""
         if domain:
@@ -129,7 +135,9 @@ class GraphWriter:
         if written != expected:
             raise ValueError(f"{name}: wrote {written} bytes, shape needs {expected}")
         self.external_bytes += written
-        self.initializers.append(self._external_proto(name, dtype, shape, offset, written))
+        self.initializers.append(
+            self._external_proto(name, dtype, shape, offset, written)
+        )
         return name
 
     def _external_proto(self, name, dtype, shape, offset, length) -> TensorProto:
@@ -172,9 +180,7 @@ class GraphWriter:
         )
         imports = [helper.make_opsetid("", opset)]
         imports += [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
-        model = helper.make_model(
-            graph, opset_imports=imports, producer_name=producer
-        )
+        model = helper.make_model(graph, opset_imports=imports, producer_name=producer)
         model.ir_version = ir_version
         for key, value in sorted(self.metadata.items()):
             entry = model.metadata_props.add()
@@ -189,7 +195,9 @@ class GraphWriter:
         path.write_bytes(model.SerializeToString())
         if self.external_bytes == 0:
             # Keep the layout fixed: the data file always exists beside it.
-            log.debug("no tensor went to %s (all below the inline limit)", self.data_name)
+            log.debug(
+                "no tensor went to %s (all below the inline limit)", self.data_name
+            )
         return path
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ it back as the config.json that mlx-lm and transformers expect.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from edgeq.errors import ModelError
@@ -19,6 +20,15 @@ ARCHITECTURES = {
     "qwen3": "qwen3",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+}
+
+# The MLP activation each architecture's targets implement.
+ACTIVATIONS = {
+    "llama": "silu",
+    "mistral": "silu",
+    "qwen2": "silu",
+    "qwen3": "silu",
+    "gemma3": "gelu_pytorch_tanh",
 }
 
 # RoPE scaling variants the builders implement; anything else is refused.
@@ -55,6 +65,13 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
+        for key in _POSITIVE_INTS:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ModelError(f"{key} must be a positive integer, got {value!r}")
+        if self.head_dim % 2:
+            # RoPE rotates pairs of channels; an odd head is a corrupt config.
+            raise ModelError(f"head_dim {self.head_dim} must be even")
         if self.architecture not in ARCHITECTURES.values():
             raise ModelError(
                 f"architecture '{self.architecture}' is not supported; "
@@ -120,6 +137,12 @@ class ModelConfig:
         return cfg
 
 
+# Fields every loader must fill with a positive integer.
+_POSITIVE_INTS = (
+    "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    "intermediate_size", "vocab_size", "max_position_embeddings",
+)  # fmt: skip
+
 _HF_CLASS = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -133,6 +156,8 @@ def check_rope_scaling(scaling: dict | None, where: str = "config.json") -> None
     """Refuse RoPE scaling variants no target implements, by name."""
     if not scaling:
         return
+    if not isinstance(scaling, dict):
+        raise ModelError(f"{where}: rope_scaling must be an object, got {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return
@@ -141,70 +166,143 @@ def check_rope_scaling(scaling: dict | None, where: str = "config.json") -> None
             f"{where}: rope_scaling type '{kind}' is not supported; edgeq "
             f"implements {', '.join(ROPE_SCALING_TYPES)}"
         )
-    if "factor" not in scaling:
-        raise ModelError(f"{where}: rope_scaling '{kind}' has no 'factor'")
+    factor = scaling.get("factor")
+    if not _is_number(factor) or factor <= 0:
+        raise ModelError(
+            f"{where}: rope_scaling '{kind}' needs a positive 'factor', got {factor!r}"
+        )
+
+
+def _is_number(value) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class _Fields:
+    """Typed reads of config.json fields; a wrong type or range is one
+    ModelError naming the file and the field."""
+
+    def __init__(self, raw: dict, where: str):
+        self.raw, self.where = raw, where
+
+    def fail(self, key: str, expected: str):
+        value = repr(self.raw.get(key))
+        value = value if len(value) <= 60 else value[:57] + "..."
+        raise ModelError(f"{self.where}: field '{key}' must be {expected}, got {value}")
+
+    def int(self, key: str, default: int | None = None) -> int:
+        value = self.raw.get(key)
+        if value is None and default is not None:
+            return default
+        if key not in self.raw:
+            raise ModelError(f"{self.where}: missing field '{key}'")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            self.fail(key, "a positive integer")
+        return value
+
+    def optional_int(self, key: str) -> int | None:
+        return None if self.raw.get(key) is None else self.int(key)
+
+    def number(self, key: str, default: float | None) -> float | None:
+        value = self.raw.get(key)
+        if value is None:
+            return None if default is None else float(default)
+        if not _is_number(value) or value <= 0:
+            self.fail(key, "a positive number")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.fail(key, "true or false")
+        return value
+
+    def token_ids(self, key: str) -> list[int]:
+        value = self.raw.get(key)
+        ids = [] if value is None else ([value] if isinstance(value, int) else value)
+        if not isinstance(ids, list) or not all(_is_token_id(i) for i in ids):
+            self.fail(key, "a token id or a list of them (integers >= 0)")
+        return ids
 
 
 def config_from_hf(raw: dict, where: str = "config.json") -> ModelConfig:
     """Build a ModelConfig from a Hugging Face config.json dict."""
-    if raw.get("model_type") == "gemma3" and "text_config" in raw:
+    if not isinstance(raw, dict):
+        raise ModelError(f"{where}: must hold a JSON object, got {type(raw).__name__}")
+    if raw.get("model_type") == "gemma3" and isinstance(raw.get("text_config"), dict):
         raw = {**raw["text_config"], "model_type": "gemma3_text"}
     model_type = raw.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise ModelError(
-            f"{where}: model_type '{model_type}' is not supported; edgeq "
+            f"{where}: model_type {model_type!r} is not supported; edgeq "
             f"handles {', '.join(sorted(ARCHITECTURES))}"
         )
     arch = ARCHITECTURES[model_type]
+    gemma = arch == "gemma3"
+    f = _Fields(raw, where)
 
-    def need(key):
-        if key not in raw:
-            raise ModelError(f"{where}: missing field '{key}'")
-        return raw[key]
-
-    hidden = int(need("hidden_size"))
-    heads = int(need("num_attention_heads"))
-    rope_theta = raw.get("rope_theta")
-    rope_scaling = raw.get("rope_scaling")
+    hidden = f.int("hidden_size")
+    heads = f.int("num_attention_heads")
     # transformers 5 moved RoPE settings into rope_parameters.
     params = raw.get("rope_parameters") or {}
-    if rope_theta is None:
-        rope_theta = params.get("rope_theta", 1e6 if arch == "gemma3" else 10000.0)
+    if not isinstance(params, dict):
+        f.fail("rope_parameters", "an object")
+    if raw.get("rope_theta") is None and "rope_theta" in params:
+        f = _Fields({**raw, "rope_theta": params["rope_theta"]}, where)
+    rope_scaling = raw.get("rope_scaling")
     if rope_scaling is None and params.get("rope_type") not in (None, "default"):
         rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     check_rope_scaling(rope_scaling, where)
-    eos = raw.get("eos_token_id")
-    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    tied_default = arch in ("gemma3",) or model_type == "qwen3"
-    return ModelConfig(
-        architecture=arch,
-        hidden_size=hidden,
-        num_layers=int(need("num_hidden_layers")),
-        num_heads=heads,
-        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-        head_dim=int(raw.get("head_dim") or hidden // heads),
-        intermediate_size=int(need("intermediate_size")),
-        vocab_size=int(need("vocab_size")),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
-        rope_scaling=rope_scaling,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", tied_default)),
-        attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
-        qk_norm=arch in ("qwen3", "gemma3"),
-        hidden_act=raw.get("hidden_activation")
-        or raw.get("hidden_act")
-        or ("gelu_pytorch_tanh" if arch == "gemma3" else "silu"),
-        sliding_window=raw.get("sliding_window") if arch == "gemma3" else None,
-        sliding_window_pattern=raw.get("sliding_window_pattern", 6)
-        if arch == "gemma3"
-        else None,
-        rope_local_base_freq=raw.get("rope_local_base_freq", 10000.0)
-        if arch == "gemma3"
-        else None,
-        query_pre_attn_scalar=raw.get("query_pre_attn_scalar")
-        if arch == "gemma3"
-        else None,
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=eos_ids,
-    )
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or ACTIVATIONS[arch]
+    if act != ACTIVATIONS[arch]:
+        # Each target implements one activation per architecture; another
+        # would run, silently wrong.
+        raise ModelError(
+            f"{where}: hidden_act {act!r} is not supported for {arch}; edgeq "
+            f"implements '{ACTIVATIONS[arch]}'"
+        )
+    bos = f.token_ids("bos_token_id")
+    try:
+        return ModelConfig(
+            architecture=arch,
+            hidden_size=hidden,
+            num_layers=f.int("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=f.int("num_key_value_heads", heads),
+            head_dim=f.int("head_dim", max(1, hidden // heads)),
+            intermediate_size=f.int("intermediate_size"),
+            vocab_size=f.int("vocab_size"),
+            rms_norm_eps=f.number("rms_norm_eps", 1e-6),
+            rope_theta=f.number("rope_theta", 1e6 if gemma else 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=f.int("max_position_embeddings", 2048),
+            tie_word_embeddings=f.flag(
+                "tie_word_embeddings", gemma or model_type == "qwen3"
+            ),
+            attention_bias=f.flag("attention_bias", arch == "qwen2"),
+            qk_norm=arch in ("qwen3", "gemma3"),
+            hidden_act=act,
+            sliding_window=f.optional_int("sliding_window") if gemma else None,
+            sliding_window_pattern=f.int("sliding_window_pattern", 6)
+            if gemma
+            else None,
+            rope_local_base_freq=f.number("rope_local_base_freq", 10000.0)
+            if gemma
+            else None,
+            query_pre_attn_scalar=f.number("query_pre_attn_scalar", None)
+            if gemma
+            else None,
+            bos_token_id=bos[0] if bos else None,
+            eos_token_ids=f.token_ids("eos_token_id"),
+        )
+    except ModelError as e:
+        raise ModelError(f"{where}: {e}") from None

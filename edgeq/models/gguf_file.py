@@ -16,6 +16,7 @@ import numpy as np
 
 from edgeq.errors import ModelError
 from edgeq.models.config import ModelConfig, check_rope_scaling
+from edgeq.models.gguf_layout import check_gguf_layout
 from edgeq.models.source import ModelSource, TensorInfo, check_tensor_set
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def _open_reader(path: Path):
         )
     if head[:4] != b"GGUF":
         raise ModelError(f"{path}: not a GGUF file (no GGUF magic at the start)")
+    # The gguf package trusts the header's counts; check them first.
+    check_gguf_layout(path, size)
     try:
         return gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, OSError, TypeError, OverflowError) as e:
@@ -79,9 +82,16 @@ class GGUFModel(ModelSource):
     def __init__(self, path: Path, name: str | None = None, tie: bool | None = None):
         super().__init__(path, name or Path(path).stem)
         self._reader = r = _open_reader(self.path)
-        self.meta = {k: _field_value(f) for k, f in r.fields.items()
-                     if not k.startswith("tokenizer.ggml.")}  # fmt: skip
-        self.config = self._config()
+        # Metadata values have whatever type the file says; a value of the
+        # wrong type or range is a corrupt file, reported as such.
+        try:
+            self.meta = {k: _field_value(f) for k, f in r.fields.items()
+                         if not k.startswith("tokenizer.ggml.")}  # fmt: skip
+            self.config = self._config()
+        except KeyError as e:
+            raise ModelError(f"{self.path}: GGUF metadata lacks {e}") from None
+        except (ValueError, TypeError, IndexError, OverflowError) as e:
+            raise ModelError(f"{self.path}: corrupt GGUF metadata ({e})") from None
         self._tensors = {}
         for t in r.tensors:
             hf = self._hf_name(t.name)
@@ -90,10 +100,23 @@ class GGUFModel(ModelSource):
             self._infos[hf] = TensorInfo(hf, shape, t.tensor_type.name)
         self._check_sizes()
         check_tensor_set(self, tie)
+        self.tokenizer_files = self._tokenizer_files()
+        self.source_sha256 = _sha256(self.path)
+
+    def _tokenizer_files(self) -> dict:
         from edgeq.models.gguf_tokenizer import tokenizer_files_from_gguf
 
-        self.tokenizer_files = tokenizer_files_from_gguf(r, self.config, self.path)
-        self.source_sha256 = _sha256(self.path)
+        try:
+            return tokenizer_files_from_gguf(self._reader, self.config, self.path)
+        except ModelError:
+            raise
+        except KeyError as e:
+            raise ModelError(f"{self.path}: GGUF tokenizer lacks {e}") from None
+        except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception
+            raise ModelError(
+                f"{self.path}: GGUF tokenizer metadata is corrupt "
+                f"({type(e).__name__}: {str(e)[:120]}); download it again"
+            ) from None
 
     def _check_sizes(self) -> None:
         size = self.path.stat().st_size
@@ -107,28 +130,37 @@ class GGUFModel(ModelSource):
                 f"{size}; download it again"
             )
 
-    def _get(self, key, default=None, required=False):
+    def _get(self, key, default=None, required=False, kind=None):
+        """Metadata `{arch}.{key}`; `kind` "int" or "float" insists on a
+        positive number of that kind."""
         arch = self.meta.get("general.architecture")
         full = f"{arch}.{key}"
-        if full in self.meta:
-            return self.meta[full]
-        if required:
-            raise ModelError(f"{self.path}: GGUF metadata lacks '{full}'")
-        return default
+        if full not in self.meta:
+            if required:
+                raise ModelError(f"{self.path}: GGUF metadata lacks '{full}'")
+            return default
+        value = self.meta[full]
+        if kind and not _positive(value, kind):
+            raise ModelError(
+                f"{self.path}: GGUF metadata '{full}' is {_short(value)}, not a "
+                f"positive {'integer' if kind == 'int' else 'number'}; the file "
+                "is corrupt"
+            )
+        return value
 
     def _config(self) -> ModelConfig:
         arch = self.meta.get("general.architecture")
-        if arch not in _ARCHS:
+        if not isinstance(arch, str) or arch not in _ARCHS:
             raise ModelError(
-                f"{self.path}: GGUF architecture '{arch}' is not supported; "
+                f"{self.path}: GGUF architecture {_short(arch)} is not supported; "
                 f"edgeq handles {', '.join(sorted(_ARCHS))}"
             )
         g = self._get
-        hidden = int(g("embedding_length", required=True))
-        heads = int(g("attention.head_count", required=True))
+        hidden = g("embedding_length", required=True, kind="int")
+        heads = g("attention.head_count", required=True, kind="int")
         kv = g("attention.head_count_kv", heads)
-        head_dim = int(g("attention.key_length", hidden // heads))
-        n_vocab = g("vocab_size")
+        head_dim = g("attention.key_length", hidden // heads, kind="int")
+        n_vocab = g("vocab_size", kind="int")
         if n_vocab is None:
             n_vocab = len(self._reader.fields["tokenizer.ggml.tokens"].data)
         scaling = None
@@ -152,16 +184,16 @@ class GGUFModel(ModelSource):
         return ModelConfig(
             architecture=_ARCHS[arch],
             hidden_size=hidden,
-            num_layers=int(g("block_count", required=True)),
+            num_layers=g("block_count", required=True, kind="int"),
             num_heads=heads,
             num_kv_heads=int(kv[0] if isinstance(kv, list) else kv),
             head_dim=head_dim,
-            intermediate_size=int(g("feed_forward_length", required=True)),
+            intermediate_size=g("feed_forward_length", required=True, kind="int"),
             vocab_size=int(n_vocab),
-            rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(g("rope.freq_base", 1e6 if gemma else 10000.0)),
+            rms_norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5, kind="float"),
+            rope_theta=g("rope.freq_base", 1e6 if gemma else 10000.0, kind="float"),
             rope_scaling=scaling,
-            max_position_embeddings=int(g("context_length", 2048)),
+            max_position_embeddings=g("context_length", 2048, kind="int"),
             tie_word_embeddings=not any(
                 t.name == "output.weight" for t in self._reader.tensors
             ),
@@ -207,7 +239,14 @@ class GGUFModel(ModelSource):
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             arr = np.asarray(data, dtype=np.float32)
         else:
-            arr = quants.dequantize(np.asarray(data), t.tensor_type)
+            try:
+                arr = quants.dequantize(np.asarray(data), t.tensor_type)
+            except NotImplementedError:
+                raise ModelError(
+                    f"{self.path}: tensor '{t.name}' is stored as "
+                    f"{t.tensor_type.name}, which edgeq cannot dequantize; "
+                    "convert the model with a common type (F16, Q8_0, Q4_K)"
+                ) from None
         arr = arr.reshape(shape).astype(np.float32, copy=False)
         return self._to_hf(name, arr, rows)
 
@@ -233,10 +272,23 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
+def _positive(value, kind: str) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if kind == "int" and not isinstance(value, int):
+        return False
+    return 0 < value < float("inf")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _field_value(field):
     try:
         return field.contents()
-    except Exception:  # a field type the gguf package cannot decode
+    except Exception:  # noqa: BLE001 - a field type gguf cannot decode
         return None
 
 

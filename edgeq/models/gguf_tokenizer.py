@@ -79,10 +79,27 @@ def tokenizer_files_from_gguf(reader, cfg: ModelConfig, path: Path) -> dict:
     unk_id = _opt(fields, "tokenizer.ggml.unknown_token_id")
     pad_id = _opt(fields, "tokenizer.ggml.padding_token_id")
 
+    if len(types) != len(tokens):
+        raise ModelError(
+            f"{path}: GGUF tokenizer has {len(tokens)} tokens but {len(types)} "
+            "token types; the file is corrupt"
+        )
+    for key, tid in (("bos", bos_id), ("eos", eos_id), ("unknown", unk_id)):
+        if tid is not None and not 0 <= tid < len(tokens):
+            raise ModelError(
+                f"{path}: GGUF tokenizer.ggml.{key}_token_id {tid} is not one of "
+                f"its {len(tokens)} tokens; the file is corrupt"
+            )
+
     if kind == "gpt2":
         tok = _bpe_tokenizer(fields, tokens, path)
     elif kind == "llama":
         scores = [float(s) for s in fields["tokenizer.ggml.scores"].contents()]
+        if len(scores) != len(tokens):
+            raise ModelError(
+                f"{path}: GGUF tokenizer has {len(tokens)} tokens but "
+                f"{len(scores)} scores; the file is corrupt"
+            )
         prefix = bool(_opt(fields, "tokenizer.ggml.add_space_prefix", True))
         tok = _spm_tokenizer(tokens, scores, types, prefix, unk_id)
     else:

@@ -6,14 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 
 from edgeq.errors import ModelError
 from edgeq.models.config import config_from_hf
-from edgeq.models.safetensors_io import SafetensorsFile, TensorInfo
-from edgeq.models.source import ModelSource, TensorInfo as _TI, check_tensor_set
+from edgeq.models.safetensors_io import SafetensorsFile
+from edgeq.models.source import ModelSource, TensorInfo, check_tensor_set
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ TOKENIZER_FILES = (
 )
 
 INDEX = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"[^/\\\x00]+\.safetensors")
 
 
 class HFFolder(ModelSource):
@@ -38,10 +40,7 @@ class HFFolder(ModelSource):
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
             raise ModelError(f"{self.path}: no config.json; not a model folder")
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ModelError(f"{cfg_path}: not valid JSON ({e})") from None
+        raw = _read_json(cfg_path)
         self.config = config_from_hf(raw, where=str(cfg_path))
         self.raw_config = raw
         self._files: dict[str, SafetensorsFile] = {}
@@ -55,6 +54,7 @@ class HFFolder(ModelSource):
                 f"{self.path}: no tokenizer.json; edgeq needs the fast tokenizer "
                 "file beside config.json"
             )
+        _check_tokenizer(self.path / "tokenizer.json", self.tokenizer_files)
         check_tensor_set(self, tie)
         self.source_sha256 = self._fingerprint()
 
@@ -72,6 +72,19 @@ class HFFolder(ModelSource):
                 )
         elif (self.path / "model.safetensors").is_file():
             shards = {"model.safetensors": None}
+            others = sorted(
+                p.name
+                for p in self.path.glob("*.safetensors")
+                if p.name != "model.safetensors"
+            )
+            if others:
+                log.warning(
+                    "%s: reading model.safetensors only; %s beside it are not "
+                    "named by any %s and are ignored",
+                    self.path,
+                    ", ".join(others),
+                    INDEX,
+                )
         else:
             found = sorted(p.name for p in self.path.glob("*.safetensors"))
             if not found:
@@ -99,15 +112,22 @@ class HFFolder(ModelSource):
                 if names is not None and tname not in names:
                     continue
                 self._where[tname] = fname
-                self._infos[tname] = _TI(tname, e.shape, e.dtype)
+                self._infos[tname] = TensorInfo(tname, e.shape, e.dtype)
 
     def _shards_from_index(self, index: Path) -> dict[str, list[str]]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise ModelError(f"{index}: malformed (no 'weight_map' object)") from None
+        weight_map = _read_json(index)
+        if isinstance(weight_map, dict):
+            weight_map = weight_map.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelError(f"{index}: malformed (no 'weight_map' object)")
         shards: dict[str, list[str]] = {}
         for tname, fname in weight_map.items():
+            # A shard is a file in this folder: a path could read anything.
+            if not isinstance(fname, str) or not _SHARD_NAME.fullmatch(fname):
+                raise ModelError(
+                    f"{index}: maps '{tname}' to {fname!r}, which is not a "
+                    ".safetensors file name in this folder; the index is corrupt"
+                )
             shards.setdefault(fname, []).append(tname)
         missing = sorted(f for f in shards if not (self.path / f).is_file())
         if missing:
@@ -129,6 +149,37 @@ class HFFolder(ModelSource):
                 while block := fh.read(1 << 22):
                     h.update(block)
         return h.hexdigest()
+
+
+def _read_json(path: Path):
+    """A small JSON file of the folder, with what it really is when not JSON."""
+    data = path.read_bytes()
+    if data.startswith(b"version https://git-lfs"):
+        raise ModelError(
+            f"{path} is a git-lfs pointer, not the file; run `git lfs pull` or "
+            "download the real file"
+        )
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelError(f"{path}: not valid JSON ({e}); download it again") from None
+
+
+def _check_tokenizer(path: Path, files: dict[str, bytes]) -> None:
+    """Parse the tokenizer files now, so a broken one fails here and not in
+    the smoke test after the whole build."""
+    from tokenizers import Tokenizer
+
+    for fname in files:
+        if fname.endswith(".json"):
+            _read_json(path.parent / fname)
+    try:
+        Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception
+        raise ModelError(
+            f"{path}: the tokenizers library cannot load it ({str(e)[:120]}); "
+            "download it again"
+        ) from None
 
 
 __all__ = ["HFFolder", "TensorInfo"]

@@ -12,6 +12,7 @@ only the tensor being converted, and so that every way a file can be broken
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,11 @@ _DTYPES = {
 }
 
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_ELEMENTS = 1 << 44  # 16 Ti elements: far beyond any checkpoint tensor
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -97,12 +103,15 @@ class SafetensorsFile:
             raw = f.read(n)
         try:
             header = json.loads(raw)
-            if not isinstance(header, dict):
-                raise ValueError("header is not an object")
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ModelError(
                 f"{self.path}: corrupt safetensors header ({e}); download it again"
             ) from None
+        if not isinstance(header, dict):
+            raise ModelError(
+                f"{self.path}: corrupt safetensors header (not a JSON object); "
+                "download it again"
+            )
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries: dict[str, TensorEntry] = {}
         data_start = 8 + n
@@ -117,19 +126,29 @@ class SafetensorsFile:
             )
 
     def _entry(self, name, spec, data_start) -> TensorEntry:
+        # Header values are untrusted JSON: only non-negative integers are
+        # sizes (1e999 or 2.5 is not), and products use Python ints, which
+        # do not wrap the way int64 does.
         try:
             dtype = spec["dtype"]
-            shape = tuple(int(d) for d in spec["shape"])
-            begin, end = (int(o) for o in spec["data_offsets"])
+            shape = tuple(spec["shape"])
+            begin, end = spec["data_offsets"]
+            ok = all(_is_size(v) for v in (*shape, begin, end))
+            # Even with a zero dimension (no bytes) no array may be larger
+            # than numpy can index.
+            ok = ok and math.prod(max(d, 1) for d in shape) <= _MAX_ELEMENTS
         except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
             raise ModelError(
-                f"{self.path}: tensor '{name}' has a malformed header entry"
-            ) from None
-        if dtype not in _DTYPES:
-            raise ModelError(
-                f"{self.path}: tensor '{name}' has unsupported dtype '{dtype}'"
+                f"{self.path}: tensor '{name}' has a malformed header entry; "
+                "download it again"
             )
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise ModelError(
+                f"{self.path}: tensor '{name}' has unsupported dtype {dtype!r}"
+            )
+        count = math.prod(shape)
         if end < begin or end - begin != count * _DTYPES[dtype][1]:
             raise ModelError(
                 f"{self.path}: tensor '{name}' data size does not match its "
@@ -146,10 +165,10 @@ class SafetensorsFile:
         begin = e.begin
         if rows is not None and shape:
             start, stop, _ = rows.indices(shape[0])
-            row_bytes = width * int(np.prod(shape[1:], dtype=np.int64))
+            row_bytes = width * math.prod(shape[1:])
             begin += start * row_bytes
             shape[0] = stop - start
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)
         with open(self.path, "rb") as f:
             f.seek(begin)
             buf = f.read(count * width)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -65,10 +65,12 @@ class ModelSource:
         if arr.dtype != np.float32:
             arr = arr.astype(np.float32)
         if not np.isfinite(arr).all():
-            bad = int((~np.isfinite(arr)).sum())
+            nan = int(np.isnan(arr).sum())
+            inf = int(np.isinf(arr).sum())
             raise ModelError(
-                f"{self.path}: tensor '{name}' has {bad} NaN or infinite values; "
-                "the checkpoint is corrupt or was saved after training diverged"
+                f"{self.path}: tensor '{name}' has {nan} NaN and {inf} infinite "
+                "values; the checkpoint is corrupt or was saved after training "
+                "diverged: download it again or use an earlier checkpoint"
             )
         return arr
 
@@ -117,6 +119,14 @@ def check_tensor_set(src: ModelSource, tie: bool | None = None) -> None:
     nothing unexplained is; settles tied embeddings (case C01). `tie` is the
     user's explicit choice (--tie-embeddings / --untie-embeddings)."""
     cfg = src.config
+    # Each layer holds at least 9 tensors; a config claiming more layers
+    # than the file can hold is refused before listing them all.
+    if cfg.num_layers > len(src._infos):
+        raise ModelError(
+            f"{src.path}: config says {cfg.num_layers} layers but the checkpoint "
+            f"holds only {len(src._infos)} tensors; config and weights do not "
+            "belong together"
+        )
     has_head = "lm_head.weight" in src._infos
     if tie is True:
         cfg.tie_word_embeddings = True

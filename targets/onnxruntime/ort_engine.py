@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from edgeq_targets.common.engine import (
     GenerationConfig,
     GenerationStats,
@@ -46,7 +45,8 @@ def session_options(threads: int | None = None, spin: bool = False, profile: str
 
 
 class KVCache:
-    """The per-layer present tensors of the last call, fed back as past."""
+    """The per-layer present tensors of the last call, fed back as past.
+    Values stay ONNX Runtime OrtValues between calls (no copy to numpy)."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int):
         empty = np.zeros((1, kv_heads, 0, head_dim), np.float32)
@@ -57,16 +57,23 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return next(iter(self.past.values())).shape[2]
+        first = next(iter(self.past.values()))
+        shape = first.shape if isinstance(first, np.ndarray) else first.shape()
+        return shape[2]
 
 
 class ORTEngine:
     name = "onnxruntime"
 
     def __init__(
-        self, artifact: Path, manifest: dict | None = None, threads: int | None = None,
-        spin: bool = False, profile: str = "", model_file: str = "model.onnx",
-    ):  # fmt: skip
+        self,
+        artifact: Path,
+        manifest: dict | None = None,
+        threads: int | None = None,
+        spin: bool = False,
+        profile: str = "",
+        model_file: str = "model.onnx",
+    ):
         import onnxruntime as ort
 
         self.artifact = Path(artifact)
@@ -86,9 +93,11 @@ class ORTEngine:
         self._layers = sum(1 for n in self.output_names if n.endswith(".key"))
         past = self.session.get_inputs()[1]
         self._kv_heads, self._head_dim = past.shape[1], past.shape[3]
-        self.tokenizer = TextCodec(self.artifact) if (
-            self.artifact / "tokenizer.json"
-        ).is_file() else None
+        self.tokenizer = (
+            TextCodec(self.artifact)
+            if (self.artifact / "tokenizer.json").is_file()
+            else None
+        )
         self.load_seconds = time.perf_counter() - start
         self.last_stats = GenerationStats()
 
@@ -106,14 +115,24 @@ class ORTEngine:
                 f"sequence of {cache.length + len(ids)} tokens is longer than the "
                 f"model's context of {self.context_length} (its RoPE tables)"
             )
-        feeds = dict(cache.past)
-        feeds["input_ids"] = np.asarray([ids], dtype=np.int64)
-        feeds["logits_to_keep"] = np.array([keep], np.int64)
-        outs = self.session.run(None, feeds)
+        # IOBinding: presents come back as OrtValues and are bound as the
+        # next call's past without a round trip through numpy.
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        binding.bind_cpu_input("logits_to_keep", np.array([keep], np.int64))
+        for name, value in cache.past.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
         for name, value in zip(self.output_names, outs):
             if name.startswith("present."):
                 cache.past["past_key_values." + name[len("present.") :]] = value
-        return outs[self._logits_at][0]
+        return outs[self._logits_at].numpy()[0]
 
     def logits(self, ids: list[int], cache: KVCache | None = None) -> np.ndarray:
         """Float32 logits [len(ids), vocab] for a whole sequence (evaluation)."""
