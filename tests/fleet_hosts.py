@@ -188,6 +188,8 @@ if __name__ == "__main__":
     for h in started:
         print(host_table(h, user_key, "intel-n100-16gb"))
     print("# sshd pids:", " ".join(str(h.proc.pid) for h in started), file=sys.stderr)
+    # SIGTERM must run the cleanup below, not end Python on the spot.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         signal.pause()
     finally:

@@ -269,8 +269,9 @@ def test_bad_fields_400(mlx_server, path, extra, words):
 
 
 def test_unknown_path_and_method(mlx_server):
-    status, _, raw = post(mlx_server.url, "/api/pull", {"model": "x"})
+    status, headers, raw = post(mlx_server.url, "/api/pull", {"model": "x"})
     assert status == 404 and "no endpoint /api/pull" in json.loads(raw)["error"]
+    assert headers["connection"] == "close"  # its body was not read
     status, headers, _ = get(mlx_server.url, "/api/generate")
     assert status == 405 and headers["allow"] == "POST"
 
@@ -420,3 +421,8 @@ def test_edgeq_serve_errors(tmp_path, stories_onnx_artifact):
         )
     assert result.exit_code == 1
     assert f"Error: cannot listen on 127.0.0.1:{port}" in result.output
+    result = runner.invoke(
+        cli_app, ["serve", str(stories_onnx_artifact), "--max-tokens", "0"]
+    )
+    assert result.exit_code == 1
+    assert "Error: --max-tokens must be at least 1, not 0" in result.output

@@ -56,33 +56,41 @@ def deploy(
 
 
 class _DeployProgress:
-    """A rich progress bar on stderr: one tick per tensor, a line per step."""
+    """A rich progress bar on stderr: one tick per tensor, a line per step.
+    The bar starts with the first tensor, so an early error prints alone."""
 
     def __enter__(self):
+        self.console = _stderr_console()
+        self.bar = None
+        self.task = None
+        return self
+
+    def _start_bar(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = _stderr_console()
         self.bar = Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"),
             TimeElapsedColumn(), console=self.console, transient=True,
         )  # fmt: skip
         self.bar.__enter__()
-        self.task = None
-        return self
+        self.task = self.bar.add_task("quantizing", total=None)
 
     def __call__(self, step: str, detail: str = ""):
         if step == "tensor":
-            if self.task is None:
-                self.task = self.bar.add_task("quantizing", total=None)
+            if self.bar is None:
+                self._start_bar()
             self.bar.update(self.task, advance=1, description=f"quantizing {detail[:40]}")
             return
-        if self.task is not None:
-            self.bar.update(self.task, visible=False)
-            self.task = None
+        self._stop_bar()
         self.console.print(f"[dim]{step}[/dim] {detail}")
 
+    def _stop_bar(self):
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        self._stop_bar()
 
 
 def _print_summary(result) -> None:

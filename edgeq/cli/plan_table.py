@@ -93,9 +93,10 @@ def print_plan(plan, all_rows: bool = False, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1))
-    table.add_column("tensor", no_wrap=True, min_width=16)
-    for col in ("layers", "shape", "storage", "reason", "MB", "note"):
+    table = Table(
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )
+    for col in ("tensor", "layers", "shape", "storage", "reason", "MB", "note"):
         right = col == "MB"
         table.add_column(col, no_wrap=True, justify="right" if right else "left")
     notes: list[str] = []

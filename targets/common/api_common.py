@@ -57,6 +57,7 @@ class ApiError(Exception):
 
 
 def get_bool(body: dict, key: str, default: bool) -> bool:
+    """body[key] as a JSON boolean; `default` when absent or null."""
     value = body.get(key)
     if value is None:
         return default
@@ -103,6 +104,7 @@ def get_stop(value, name: str) -> list[str]:
 
 
 def get_text(body: dict, key: str, default: str | None = None) -> str | None:
+    """body[key] as a string; `default` when absent or null."""
     value = body.get(key)
     if value is None:
         return default
@@ -300,6 +302,7 @@ class App:
             ) from None
 
     def health(self) -> dict:
+        """GET /health: the model, the queue and what the worker did."""
         w = self.worker
         return {
             "status": "ok",

@@ -78,9 +78,16 @@ def main(argv=None) -> int:
             continue
         module.add_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "generate":
-        return generate_main(args)
-    return args.func(args)
+    from edgeq_targets.common.engine import ArtifactCorrupt
+
+    try:
+        if args.command == "generate":
+            return generate_main(args)
+        return args.func(args)
+    except ArtifactCorrupt as e:
+        # A damaged copy is the user's to fix: one line, no traceback.
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ NDJSON = "application/x-ndjson"
 
 
 def error_body(e: ApiError) -> dict:
+    """Ollama's error shape."""
     return {"error": e.message}
 
 

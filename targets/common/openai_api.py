@@ -29,6 +29,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 def error_body(e: ApiError) -> dict:
+    """OpenAI's error shape."""
     kind = "server_error" if e.status >= 500 else "invalid_request_error"
     return {
         "error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}

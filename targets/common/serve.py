@@ -52,6 +52,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
+    """Register `serve` on the runner's subcommands (cli.py calls it)."""
     p = subparsers.add_parser(
         "serve", help="serve the model over Ollama- and OpenAI-compatible HTTP"
     )
@@ -60,6 +61,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--threads",
         dest="serve_threads",
+        metavar="N",
         type=int,
         default=None,
         help="CPU threads for the engine",
@@ -68,6 +70,7 @@ def add_parser(subparsers) -> None:
 
 
 def config_from_args(args) -> ServerConfig:
+    """The ServerConfig the parsed flags describe."""
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -79,6 +82,7 @@ def config_from_args(args) -> ServerConfig:
 
 
 def serve_main(args) -> int:
+    """Load the artifact's engine and serve it until Ctrl-C."""
     from edgeq_targets.common.cli import artifact_root
     from edgeq_targets.common.engine import ArtifactCorrupt, load_engine
     from edgeq_targets.common.server import ServeError, make_server, run

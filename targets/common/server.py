@@ -48,11 +48,13 @@ class StreamWriter:
         self.chunked = chunked
 
     def write(self, data: bytes) -> None:
+        """Send `data` as one chunk; ClientGone when the client left."""
         if self.chunked:
             data = b"%X\r\n%s\r\n" % (len(data), data)
         self._send(data)
 
     def close(self) -> None:
+        """End the stream (the zero-length last chunk)."""
         if self.chunked:
             self._send(b"0\r\n\r\n")
 
@@ -103,26 +105,41 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self.received = time.perf_counter()
         self.head_only = method == "HEAD"
+        self.responded = False  # headers sent: no error answer possible now
+        self.body_unread = "Content-Length" in self.headers or (
+            "Transfer-Encoding" in self.headers
+        )
         path = urlsplit(self.path).path
-        api = _api_for(path)
         try:
             route = _route(method, path)
             body = self.read_json() if method == "POST" else {}
             route(self, body)
+            if self.body_unread:  # a GET with a body: it must not linger
+                self.close_connection = True
         except ClientGone:
             logger.info("%s %s: client disconnected", method, path)
             self.close_connection = True
         except ApiError as e:
-            self.send_error_json(api, e)
+            self._fail(path, e)
         except Exception as e:  # a bug: answer 500 rather than drop the client
             logger.exception("%s %s failed", method, path)
-            self.send_error_json(api, ApiError(500, f"internal error: {e}"))
+            self._fail(path, ApiError(500, f"internal error: {e}"))
+
+    def _fail(self, path: str, e: ApiError) -> None:
+        # An unread body would be parsed as the next request: close after.
+        if self.body_unread:
+            self.close_connection = True
+        if self.responded:  # mid-stream: all that is left is to hang up
+            self.close_connection = True
+            return
+        self.send_error_json(_api_for(path), e)
 
     # -- reading -------------------------------------------------------------
 
     def read_json(self) -> dict:
         """The request body as a JSON object (400, 411 or 413 otherwise)."""
         raw = self._read_body()
+        self.body_unread = False
         if not raw.strip():
             raise ApiError(400, "the request body is empty: send a JSON object")
         try:
@@ -184,6 +201,7 @@ class Handler(BaseHTTPRequestHandler):
         connection closes (the unread rest would parse as a request)."""
         if 0 < discard <= _DISCARD_MAX_BYTES:
             self._discard(discard)
+            self.body_unread = False
         else:
             self.close_connection = True
         limit = self.app.config.max_body_bytes
@@ -209,6 +227,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise self._too_large(length)  # not sent yet: nothing to drop
         except ApiError as e:
             self.head_only = False
+            self.close_connection = True  # the client may send the body anyway
             self.send_error_json(_api_for(urlsplit(self.path).path), e)
             return False
         return super().handle_expect_100()
@@ -240,6 +259,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_body(
         self, status: int, body: bytes, content_type: str, headers: dict | None = None
     ) -> None:
+        """A complete answer with Content-Length (no body for HEAD)."""
+        self.responded = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -259,6 +280,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_body(status, text.encode("utf-8"), "text/plain; charset=utf-8")
 
     def send_error_json(self, api, e: ApiError) -> None:
+        """`e` in the shape of `api` (ollama_api or openai_api)."""
         if e.status >= 500:
             logger.warning("%s: %s", self.path, e.message)
         self.send_json(e.status, api.error_body(e), e.headers)
@@ -267,6 +289,7 @@ class Handler(BaseHTTPRequestHandler):
         """Send the headers of a streamed 200 answer; HTTP/1.0 clients get
         the body unframed, ended by closing the connection."""
         chunked = self.request_version != "HTTP/1.0"
+        self.responded = True
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Cache-Control", "no-cache")
@@ -279,6 +302,7 @@ class Handler(BaseHTTPRequestHandler):
         return StreamWriter(self, job, chunked)
 
     def log_message(self, format: str, *args) -> None:
+        """One line per request, to logging rather than bare stderr."""
         logger.info("%s %s", self.address_string(), format % args)
 
 
@@ -349,6 +373,13 @@ class EdgeqHTTPServer(ThreadingHTTPServer):
 def make_server(engine, config: ServerConfig | None = None) -> EdgeqHTTPServer:
     """Bind the server for `engine` (port 0 picks a free port)."""
     config = config or ServerConfig()
+    for flag, value in (
+        ("--queue-size", config.queue_size),
+        ("--max-tokens", config.max_tokens),
+        ("--max-body-bytes", config.max_body_bytes),
+    ):
+        if value < 1:
+            raise ServeError(f"{flag} must be at least 1, not {value}")
     try:
         return EdgeqHTTPServer((config.host, config.port), App(engine, config))
     except OSError as e:

@@ -163,6 +163,7 @@ class Worker:
         return job
 
     def waiting(self) -> int:
+        """Jobs queued behind the running one."""
         return self.jobs.qsize()
 
     def close(self) -> None:
