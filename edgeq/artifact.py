@@ -326,7 +326,43 @@ def _parse_manifest(label: str, data: bytes) -> dict[str, Any]:
             )
     for rel, entry in manifest["files"].items():
         _check_entry(label, rel, entry)
+    _check_runtime_shape(label, manifest["runtime"])
     return manifest
+
+
+# The runtime keys pre-flight reads, and the JSON shape each must have.
+_RUNTIME_SHAPES = {
+    "python": (str, "a version specifier string"),
+    "arch": (str, "an architecture name"),
+    "os": (str, "an OS name"),
+    "packages": (dict, "an object of package name to version specifier"),
+    "isa": (list, "a list of CPU feature names"),
+    "onnx": (dict, "an object with integer 'opset' and 'ir_version'"),
+}
+
+
+def _check_runtime_shape(label: str, runtime: dict[str, Any]) -> None:
+    """Refuse a manifest whose runtime needs have the wrong types, so that
+    pre-flight never meets them (a hand-edited or hostile manifest)."""
+    for key, (kind, expected) in _RUNTIME_SHAPES.items():
+        value = runtime.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, kind)
+        if ok and key == "packages":
+            ok = all(isinstance(v, str) for v in value.values())
+        elif ok and key == "isa":
+            ok = all(isinstance(v, str) for v in value)
+        elif ok and key == "onnx":
+            ok = all(
+                type(value.get(k, 0)) is int  # bool is an int subclass: not a version
+                for k in ("opset", "ir_version")
+            )
+        if not ok:
+            raise ArtifactError(
+                f"artifact {label}: manifest.json field 'runtime.{key}' must be "
+                f"{expected}; rebuild the artifact"
+            )
 
 
 def _check_entry(label: str, rel: str, entry: Any) -> None:

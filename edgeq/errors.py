@@ -11,6 +11,15 @@ class EdgeqError(Exception):
 
     exit_code = 1
 
+    def __str__(self) -> str:
+        # One line by contract: a newline or other control character can only
+        # come from data quoted in the message (a file or archive entry name),
+        # and is shown escaped so it cannot forge or split the line.
+        text = super().__str__()
+        if text.isprintable():
+            return text
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
 
 class DeviceError(EdgeqError):
     """devices.toml is wrong, or a device name is unknown."""

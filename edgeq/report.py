@@ -67,8 +67,7 @@ def comparison_rows(records: list[dict]) -> list[dict]:
                 "model": rec["artifact"].get("model"),
                 "device": (rec["env"].get("device") or {}).get("name"),
                 "target": rec["artifact"].get("target"),
-                "plan": f"{plan.get('bits')}-bit g{plan.get('group_size')} "
-                f"({plan.get('bits_per_weight')} bpw)",
+                "plan": plan_label(plan),
                 "threads": cfg.get("threads") or "default",
                 "prompt": cfg.get("prompt_tokens"),
                 "gen": cfg.get("gen_tokens"),
@@ -92,6 +91,13 @@ def comparison_rows(records: list[dict]) -> list[dict]:
             }
         )
     return rows
+
+
+def plan_label(plan: dict) -> str:
+    """ "4-bit g64 affine (4.503 bpw)"; no group size for per-channel plans."""
+    group = f" g{plan['group_size']}" if plan.get("group_size") else ""
+    scheme = f" {plan['scheme']}" if plan.get("scheme") else ""
+    return f"{plan.get('bits')}-bit{group}{scheme} ({plan.get('bits_per_weight')} bpw)"
 
 
 def cell(row: dict, key: str, fmt: str) -> str:

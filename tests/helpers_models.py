@@ -25,49 +25,49 @@ ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 # config.json per architecture at the cases' size. Qwen2 has q/k/v biases,
 # Qwen3 and Gemma 3 per-head q/k norms; Gemma 3 also sandwich norms and
 # sliding-window layers.
-_BASE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=256,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_BASE = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 _CONFIGS = {
-    "llama": dict(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
-        tie_word_embeddings=False,
-        attention_bias=False,
-    ),
-    "qwen2": dict(
-        architectures=["Qwen2ForCausalLM"],
-        model_type="qwen2",
-        tie_word_embeddings=False,
-    ),
-    "qwen3": dict(
-        architectures=["Qwen3ForCausalLM"],
-        model_type="qwen3",
-        tie_word_embeddings=True,
-        attention_bias=False,
-    ),
-    "gemma3": dict(
-        architectures=["Gemma3ForCausalLM"],
-        model_type="gemma3_text",
-        tie_word_embeddings=True,
-        hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=16,
-        sliding_window=32,
-        sliding_window_pattern=2,
-        rope_local_base_freq=10000.0,
-        rope_theta=1000000.0,
-    ),
+    "llama": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+    },
+    "qwen2": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "tie_word_embeddings": False,
+    },
+    "qwen3": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+    },
+    "gemma3": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 32,
+        "sliding_window_pattern": 2,
+        "rope_local_base_freq": 10000.0,
+        "rope_theta": 1000000.0,
+    },
 }
 
 
@@ -220,6 +220,20 @@ def write_hf_model(
     index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def edit_config(folder: Path, **changes) -> Path:
+    """Change keys of folder/config.json after the weights were written (a
+    value of None removes the key); returns the config path."""
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
 
 
 def write_gguf_model(

@@ -84,20 +84,21 @@ min_tokens_per_s = 1.0"""
 
 @pytest.fixture(scope="module")
 def rollout(hosts, cache):
-    """v1 on every host, then v2 with pi-c's gate set to fail."""
+    """v1 on every host, v1 again (nothing to do), then v2 with pi-c's gate
+    set to fail. Returns (first, again, second, v2 fleet.toml)."""
     from edgeq.fleet.config import load_fleet
     from edgeq.fleet.rollout import deploy_fleet
 
     folder = hosts[0]
-    v1 = write_fleet(
-        folder / "v1", _tables(hosts), V1_ROLLOUT, "context_length = 2048", cache
-    )
+    build_v1 = "context_length = 2048"  # another artifact than v2's default
+    v1 = write_fleet(folder / "v1", _tables(hosts), V1_ROLLOUT, build_v1, cache)
     first = deploy_fleet(load_fleet(v1))
+    again = CliRunner().invoke(app, ["fleet", "deploy", str(v1), "--json"])
     failing = {"pi-c": {"min_decode_share": 1000.0}}  # 1000x the prediction
     v2 = write_fleet(folder / "v2", _tables(hosts, **failing), V2_ROLLOUT, "", cache)
     second = deploy_fleet(load_fleet(v2))
     print(second.log.read_text())  # the rollout's log, shown with -rP / -s
-    return first, second, v2
+    return first, again, second, v2
 
 
 def _current(host_root: Path) -> str | None:
@@ -106,14 +107,14 @@ def _current(host_root: Path) -> str | None:
 
 
 def test_first_release_reaches_every_host(rollout):
-    first, _second, _v2 = rollout
+    first, _again, _second, _v2 = rollout
     assert {o.status for o in first.hosts.values()} == {"updated"}, first.hosts
     assert first.batches == [["n100-a", "pi-b", "pi-c"]]
     assert len(first.builds) == 2  # one artifact per device profile
 
 
 def test_failing_gate_rolls_back_only_that_host(rollout, hosts):
-    first, second, _v2 = rollout
+    first, _again, second, _v2 = rollout
     _folder, _key, started = hosts
     roots = {h.name: h.root for h in started}
     v1 = {d: b.artifact_id for d, b in first.builds.items()}
@@ -137,7 +138,7 @@ def test_failing_gate_rolls_back_only_that_host(rollout, hosts):
 
 
 def test_status_reports_release_health_and_figures(rollout):
-    _first, second, v2 = rollout
+    _first, _again, second, v2 = rollout
     result = CliRunner().invoke(app, ["fleet", "status", str(v2), "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["host"]: r for r in json.loads(result.stdout)}
@@ -150,19 +151,18 @@ def test_status_reports_release_health_and_figures(rollout):
 
 
 def test_second_deploy_changes_nothing(rollout):
-    _first, _second, v2 = rollout
-    result = CliRunner().invoke(
-        app, ["fleet", "deploy", str(v2), "--hosts", "n100-a,pi-b", "--json"]
-    )
-    assert result.exit_code == 0, result.output
-    outcomes = json.loads(result.stdout)["hosts"]
-    assert {o["status"] for o in outcomes.values()} == {"up to date"}
-    assert all(o["changed"] == 0 for o in outcomes.values())  # Ansible's changed=0
-    assert all(b["cached"] for b in json.loads(result.stdout)["builds"].values())
+    first, again, _second, _v2 = rollout
+    assert again.exit_code == 0, again.output
+    report = json.loads(again.stdout)
+    assert {o["status"] for o in report["hosts"].values()} == {"up to date"}
+    assert all(o["changed"] == 0 for o in report["hosts"].values())  # Ansible's
+    assert all(b["cached"] for b in report["builds"].values())  # no rebuild
+    ids = {d: b["artifact_id"] for d, b in report["builds"].items()}
+    assert ids == {d: b.artifact_id for d, b in first.builds.items()}
 
 
 def test_rollback_command(rollout, hosts):
-    first, _second, v2 = rollout
+    first, _again, _second, v2 = rollout
     roots = {h.name: h.root for h in hosts[2]}
     result = CliRunner().invoke(app, ["fleet", "rollback", str(v2), "--hosts", "pi-b"])
     assert result.exit_code == 0, result.output

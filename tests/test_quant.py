@@ -182,7 +182,7 @@ def _ort_session(nodes, inputs, outputs, inits):
     )
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(matrices(group_choices=(16, 32, 64), max_groups=2), st.sampled_from([4, 8]))
 def test_matmul_nbits_round_trip_through_onnxruntime(wg, bits):
     """The packed B / scales / zero points, run by ONNX Runtime's MatMulNBits

@@ -134,18 +134,16 @@ def _heads_first(dec, x: str, heads: int) -> str:
 
 
 def _rope_rows(dec, layer: int) -> tuple[str, str]:
-    """cos and sin rows [S, D] (both halves) at the new tokens' positions."""
-    cache = dec.masks.setdefault(("rope", dec.rope_tables(layer)), None)
-    if cache:
-        return cache
-    gw = dec.gw
-    cos_t, sin_t = dec.rope_tables(layer)
-    rows = []
-    for table in (cos_t, sin_t):
-        half = gw.node("Gather", [table, dec.positions])  # [S, D/2]
-        rows.append(gw.node("Concat", [half, half], axis=-1))
-    dec.masks[("rope", (cos_t, sin_t))] = tuple(rows)
-    return tuple(rows)
+    """cos and sin rows [S, D] (both halves) at the new tokens' positions,
+    gathered once per RoPE table."""
+    tables = dec.rope_tables(layer)
+    if tables not in dec.rope_rows:
+        gw, rows = dec.gw, []
+        for table in tables:
+            half = gw.node("Gather", [table, dec.positions])  # [S, D/2]
+            rows.append(gw.node("Concat", [half, half], axis=-1))
+        dec.rope_rows[tables] = tuple(rows)
+    return dec.rope_rows[tables]
 
 
 def _rotate(dec, x: str, cos: str, sin: str) -> str:

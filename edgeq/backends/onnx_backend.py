@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -341,13 +340,3 @@ def _zeros(arg) -> np.ndarray:
         for i, d in enumerate(arg.shape)
     ]
     return np.zeros(shape, _ORT_TYPES.get(arg.type, np.float32))
-
-
-def remove_outputs(out: Path) -> None:
-    """Delete what build() wrote (for callers cleaning a failed build)."""
-    for name in MODEL_FILES:
-        p = Path(out) / name
-        if p.is_file():
-            p.unlink()
-        elif p.is_dir():
-            shutil.rmtree(p)

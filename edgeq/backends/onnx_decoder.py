@@ -51,6 +51,8 @@ class DecoderGraph:
         self.source = source
         self.cfg = source.config
         self.rope: dict[tuple, tuple[str, str]] = {}
+        self.rope_rows: dict[tuple, tuple[str, str]] = {}  # standard ops only
+        self.masks: dict = {}  # standard ops only: window -> additive mask
 
     # -- whole graph -------------------------------------------------------------
     def build(self) -> None:
@@ -111,7 +113,6 @@ class DecoderGraph:
             self.positions = gw.node("Range", [self.past_len, self.total_len, one])
             zero = gw.const("zero", 0)
             self.key_positions = gw.node("Range", [zero, self.total_len, one])
-            self.masks: dict = {}
 
     def _embedding_table(self):
         name = "model.embed_tokens.weight"

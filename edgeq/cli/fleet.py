@@ -39,7 +39,8 @@ def _names(hosts: str | None) -> list[str] | None:
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    # Notes on stderr keep their lines whole (paths, reasons), even in a pipe.
+    return Console(stderr=stderr, highlight=False, soft_wrap=stderr)
 
 
 class _Progress:
@@ -177,7 +178,7 @@ def _print_outcomes(outcomes) -> None:
         table.add_row(
             o.host, o.device, "-" if o.batch is None else str(o.batch),
             f"[{style}]{o.status}[/]", o.release or "-",
-            f"{tps:.1f}" if tps else "-", o.reason[:80],
+            f"{tps:.1f}" if tps else "-", o.reason,
         )  # fmt: skip
     _console().print(table)
 

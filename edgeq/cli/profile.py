@@ -174,9 +174,10 @@ def _print_table(records: list[dict]) -> None:
         table.add_row(*(escape(_range_cell(row, key)) for key, _ in columns))
     console = Console()
     console.print(table)
-    for rec in records:
-        for w in rec["warnings"]:
-            console.print(f"[yellow]warning[/]: {escape(w)}", highlight=False)
+    # Records of one artifact often share a warning; say each once.
+    warnings = dict.fromkeys(w for rec in records for w in rec["warnings"])
+    for w in warnings:
+        console.print(f"[yellow]warning[/]: {escape(w)}", highlight=False)
 
 
 def _num(value) -> str:

@@ -168,6 +168,8 @@ def load_fleet(path: str | Path) -> FleetConfig:
     groups = _parse_groups(groups_raw, hosts_raw, where)
     defaults = _table(data, "defaults", where)
     _check_keys(defaults, sorted(_HOST_FIELDS - {"address"}), f"{where}: [defaults]")
+    for key, value in defaults.items():  # blame [defaults], not its first host
+        _check_host_value(f"{where}: [defaults]", key, value)
     hosts = {
         name: _resolve_host(name, table, defaults, groups_raw, groups, where)
         for name, table in hosts_raw.items()
@@ -269,6 +271,9 @@ def _parse_groups(groups_raw, hosts_raw, where: str) -> dict[str, tuple[str, ...
                     f"{here}: field 'hosts' names {member!r}, which has no "
                     f"[hosts.{member}] table{_hint(member, list(hosts_raw))}"
                 )
+        for key, value in table.items():
+            if key != "hosts":
+                _check_host_value(here, key, value)
         groups[name] = tuple(members)
     return groups
 

@@ -100,9 +100,13 @@ def deploy_fleet(
     hosts = config.select(only)
     batches = plan_batches(config, hosts)
     devices = [h.device for h in hosts]
-    builds = _cached_builds(config, devices) if dry_run else build_all(
-        config, devices, lambda d, step, detail: say("build", {"device": d, "step": step, "detail": detail})
-    )  # fmt: skip
+    if dry_run:
+        builds = _cached_builds(config, devices)
+    else:
+        notify = lambda d, step, detail: say(
+            "build", {"device": d, "step": step, "detail": detail}
+        )
+        builds = build_all(config, devices, notify)
     paths = write_run_files(config, builds)
     outcomes = {
         h.name: HostOutcome(h.name, h.device, "not run", target_release=_id(builds, h))
@@ -114,10 +118,7 @@ def deploy_fleet(
     result.log = (
         paths["state_dir"] / "logs" / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}.log"
     )
-    _log(
-        result,
-        f"rollout of {config.model} to {len(hosts)} hosts in {len(batches)} batches",
-    )
+    _log_start(config, result)
     _preflight(config, hosts, builds, result, say)
     for number, batch in enumerate(batches):
         _run_batch(config, number, batch, result, say)
@@ -125,6 +126,10 @@ def deploy_fleet(
         if result.stopped:
             _log(result, f"rollout stopped: {result.stopped}")
             break
+    counts: dict[str, int] = {}
+    for o in result.hosts.values():
+        counts[o.status] = counts.get(o.status, 0) + 1
+    _log(result, "done: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     _save_state(config, result)
     return result
 
@@ -143,6 +148,18 @@ def _cached_builds(config: FleetConfig, devices: list[str]) -> dict[str, Build]:
         if found:
             builds[device] = found
     return builds
+
+
+def _log_start(config: FleetConfig, result: RolloutResult) -> None:
+    p = config.policy
+    _log(result, f"rollout of {config.model} to {len(result.hosts)} hosts")
+    for device, b in result.builds.items():
+        source = "cache" if b.cached else "built"
+        _log(result, f"  {device}: artifact {b.artifact_id} ({b.target}, {source}),"
+             f" predicted {b.predicted_tokens_per_s} tokens/s")  # fmt: skip
+    _log(result, f"  policy: canary {list(p.canary)}, batch {p.batch}, max_failure_"
+         f"percent {p.max_failure_percent:g}, keep {p.keep_releases}; batches "
+         f"{result.batches}")  # fmt: skip
 
 
 def _log(result: RolloutResult, line: str) -> None:
@@ -179,7 +196,7 @@ def _preflight(config, hosts, builds, result: RolloutResult, say) -> None:
             )
             continue
         runtime = artifact.load_manifest(builds[host.device].folder)["runtime"]
-        reasons = preflight.check_runtime(runtime, facts)
+        reasons = preflight.check_runtime(runtime, _as_installable(runtime, facts))
         if not reasons:
             continue
         text = "; ".join(reasons)
@@ -190,6 +207,24 @@ def _preflight(config, hosts, builds, result: RolloutResult, say) -> None:
         else:
             outcome.status, outcome.reason = "refused", f"pre-flight: {text}"
             _log(result, f"{host.name}: refused by pre-flight: {text}")
+
+
+def _as_installable(runtime: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """`facts` without installed packages too old for `runtime`.
+
+    The playbook's runtime step upgrades those, so pre-flight should judge
+    what pip would install there (wheels for this arch and Python), not
+    refuse the host for the version it has today.
+    """
+    from edgeq.preflight import version_satisfies
+
+    wanted = runtime.get("packages") or {}
+    installed = dict(facts.get("packages") or {})
+    for name, spec in wanted.items():
+        have = installed.get(name)
+        if have and spec and not version_satisfies(have, spec):
+            del installed[name]
+    return {**facts, "packages": installed}
 
 
 def _forward(say):
@@ -216,9 +251,22 @@ def _run_batch(
             _fold_outcome(result.hosts[name], runs[name])
     for name in batch:
         o = result.hosts[name]
-        _log(result, f"  {name} ({o.device}): {o.status}, release {o.release or 'none'}"
-             + (f": {o.reason}" if o.reason else ""))  # fmt: skip
+        _log(result, f"  {_describe(o)}")
         say("host", asdict(o))
+
+
+def _describe(o: HostOutcome) -> str:
+    """One log line for a host: outcome, release, Ansible changes, gate."""
+    line = f"{o.host} ({o.device}): {o.status}, release {o.release or 'none'}"
+    if o.status in ("updated", "up to date", "rolled back"):
+        line += f", changed={o.changed}"
+    gate = o.gate or {}
+    if gate.get("decode_tokens_per_s") and o.status != "rolled back":
+        line += (
+            f"; gate passed: {gate['decode_tokens_per_s']:.1f} tokens/s "
+            f"({gate.get('source')}) >= {gate.get('threshold_tokens_per_s', 0):.1f}"
+        )
+    return line + (f": {o.reason}" if o.reason else "")
 
 
 def _fold_outcome(outcome: HostOutcome, run: HostRun) -> None:

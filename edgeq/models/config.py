@@ -271,38 +271,38 @@ def config_from_hf(raw: dict, where: str = "config.json") -> ModelConfig:
             f"implements '{ACTIVATIONS[arch]}'"
         )
     bos = f.token_ids("bos_token_id")
+    fields = {
+        "architecture": arch,
+        "hidden_size": hidden,
+        "num_layers": f.int("num_hidden_layers"),
+        "num_heads": heads,
+        "num_kv_heads": f.int("num_key_value_heads", heads),
+        "head_dim": f.int("head_dim", max(1, hidden // heads)),
+        "intermediate_size": f.int("intermediate_size"),
+        "vocab_size": f.int("vocab_size"),
+        "rms_norm_eps": f.number("rms_norm_eps", 1e-6),
+        "rope_theta": f.number("rope_theta", 1e6 if gemma else 10000.0),
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": f.int("max_position_embeddings", 2048),
+        "tie_word_embeddings": f.flag(
+            "tie_word_embeddings", gemma or model_type == "qwen3"
+        ),
+        "attention_bias": f.flag("attention_bias", arch == "qwen2"),
+        "qk_norm": arch in ("qwen3", "gemma3"),
+        "hidden_act": act,
+        "sliding_window": f.optional_int("sliding_window") if gemma else None,
+        "sliding_window_pattern": f.int("sliding_window_pattern", 6) if gemma else None,
+        "rope_local_base_freq": f.number("rope_local_base_freq", 10000.0)
+        if gemma
+        else None,
+        "query_pre_attn_scalar": f.number("query_pre_attn_scalar", None)
+        if gemma
+        else None,
+        "bos_token_id": bos[0] if bos else None,
+        "eos_token_ids": f.token_ids("eos_token_id"),
+    }
+    # ModelConfig checks what no single field shows (head counts, parity).
     try:
-        return ModelConfig(
-            architecture=arch,
-            hidden_size=hidden,
-            num_layers=f.int("num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=f.int("num_key_value_heads", heads),
-            head_dim=f.int("head_dim", max(1, hidden // heads)),
-            intermediate_size=f.int("intermediate_size"),
-            vocab_size=f.int("vocab_size"),
-            rms_norm_eps=f.number("rms_norm_eps", 1e-6),
-            rope_theta=f.number("rope_theta", 1e6 if gemma else 10000.0),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=f.int("max_position_embeddings", 2048),
-            tie_word_embeddings=f.flag(
-                "tie_word_embeddings", gemma or model_type == "qwen3"
-            ),
-            attention_bias=f.flag("attention_bias", arch == "qwen2"),
-            qk_norm=arch in ("qwen3", "gemma3"),
-            hidden_act=act,
-            sliding_window=f.optional_int("sliding_window") if gemma else None,
-            sliding_window_pattern=f.int("sliding_window_pattern", 6)
-            if gemma
-            else None,
-            rope_local_base_freq=f.number("rope_local_base_freq", 10000.0)
-            if gemma
-            else None,
-            query_pre_attn_scalar=f.number("query_pre_attn_scalar", None)
-            if gemma
-            else None,
-            bos_token_id=bos[0] if bos else None,
-            eos_token_ids=f.token_ids("eos_token_id"),
-        )
+        return ModelConfig(**fields)
     except ModelError as e:
         raise ModelError(f"{where}: {e}") from None

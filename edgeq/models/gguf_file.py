@@ -181,36 +181,43 @@ class GGUFModel(ModelSource):
         if gemma:
             eos_ids += [_find_token(tok, "<end_of_turn>")]
             eos_ids = [i for i in dict.fromkeys(eos_ids) if i is not None]
-        return ModelConfig(
-            architecture=_ARCHS[arch],
-            hidden_size=hidden,
-            num_layers=g("block_count", required=True, kind="int"),
-            num_heads=heads,
-            num_kv_heads=int(kv[0] if isinstance(kv, list) else kv),
-            head_dim=head_dim,
-            intermediate_size=g("feed_forward_length", required=True, kind="int"),
-            vocab_size=int(n_vocab),
-            rms_norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5, kind="float"),
-            rope_theta=g("rope.freq_base", 1e6 if gemma else 10000.0, kind="float"),
-            rope_scaling=scaling,
-            max_position_embeddings=g("context_length", 2048, kind="int"),
-            tie_word_embeddings=not any(
+        fields = {
+            "architecture": _ARCHS[arch],
+            "hidden_size": hidden,
+            "num_layers": g("block_count", required=True, kind="int"),
+            "num_heads": heads,
+            "num_kv_heads": int(kv[0] if isinstance(kv, list) else kv),
+            "head_dim": head_dim,
+            "intermediate_size": g("feed_forward_length", required=True, kind="int"),
+            "vocab_size": int(n_vocab),
+            "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-5, kind="float"),
+            "rope_theta": g("rope.freq_base", 1e6 if gemma else 10000.0, kind="float"),
+            "rope_scaling": scaling,
+            "max_position_embeddings": g("context_length", 2048, kind="int"),
+            "tie_word_embeddings": not any(
                 t.name == "output.weight" for t in self._reader.tensors
             ),
-            attention_bias=any(
+            "attention_bias": any(
                 t.name.endswith("attn_q.bias") for t in self._reader.tensors
             ),
-            qk_norm=any(
+            "qk_norm": any(
                 t.name.endswith("attn_q_norm.weight") for t in self._reader.tensors
             ),
-            hidden_act="gelu_pytorch_tanh" if gemma else "silu",
-            sliding_window=int(g("attention.sliding_window", 512)) if gemma else None,
-            sliding_window_pattern=6 if gemma else None,
-            rope_local_base_freq=10000.0 if gemma else None,
-            query_pre_attn_scalar=float(head_dim) if gemma else None,
-            bos_token_id=bos,
-            eos_token_ids=eos_ids,
-        )
+            "hidden_act": "gelu_pytorch_tanh" if gemma else "silu",
+            "sliding_window": g("attention.sliding_window", 512, kind="int")
+            if gemma
+            else None,
+            "sliding_window_pattern": 6 if gemma else None,
+            "rope_local_base_freq": 10000.0 if gemma else None,
+            "query_pre_attn_scalar": float(head_dim) if gemma else None,
+            "bos_token_id": bos,
+            "eos_token_ids": eos_ids,
+        }
+        # ModelConfig checks what no single field shows (head counts, parity).
+        try:
+            return ModelConfig(**fields)
+        except ModelError as e:
+            raise ModelError(f"{self.path}: {e}") from None
 
     def _hf_name(self, gname: str) -> str:
         if gname in _GLOBAL:

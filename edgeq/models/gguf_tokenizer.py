@@ -61,7 +61,7 @@ def _opt(fields, key, default=None):
 
 def tokenizer_files_from_gguf(reader, cfg: ModelConfig, path: Path) -> dict:
     """tokenizer.json and tokenizer_config.json bytes for the GGUF's tokenizer."""
-    from tokenizers import AddedToken, Tokenizer
+    from tokenizers import AddedToken
 
     fields = reader.fields
     if "tokenizer.ggml.tokens" not in fields:
@@ -211,7 +211,7 @@ def _spm_tokenizer(tokens, scores, types, add_prefix, unk_id):
             unk_token=unk,
             byte_fallback=True,
             fuse_unk=True,
-        )  # fmt: skip
+        )
     )
     # Metaspace with prepend "first" adds the dummy prefix only at the start
     # of the text, not after every special token.

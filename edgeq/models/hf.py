@@ -103,10 +103,11 @@ class HFFolder(ModelSource):
             if names is not None:
                 lacking = sorted(set(names) - set(f.entries))
                 if lacking:
+                    more = f" (nor {len(lacking) - 1} more)" if len(lacking) > 1 else ""
                     raise ModelError(
                         f"{self.path / INDEX}: maps '{lacking[0]}' to {fname}, "
-                        f"which does not contain it ({len(lacking)} such tensors); "
-                        "the download may be incomplete or the index is stale"
+                        f"which does not contain it{more}; the download may be "
+                        "incomplete or the index is stale"
                     )
             for tname, e in f.entries.items():
                 if names is not None and tname not in names:
