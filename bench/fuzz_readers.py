@@ -179,7 +179,7 @@ def run_all(seconds: int, work: Path) -> int:
         took = time.monotonic() - start
         new = sorted(p.name for p in set((work / target).glob("*-*")) - before)
         runs = next(
-            (line.split(":")[1].strip() for line in proc.stderr.splitlines()
+            (line.split(":")[-1].strip() for line in proc.stderr.splitlines()
              if line.startswith("stat::number_of_executed_units")),
             "?",
         )  # fmt: skip

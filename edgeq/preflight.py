@@ -135,7 +135,8 @@ def version_satisfies(version: str | Version, spec: str) -> bool:
     if have is None:
         return False
     for clause in filter(None, (c.strip() for c in spec.split(","))):
-        match = re.fullmatch(r"(~=|==|!=|>=|<=|>|<)?\s*([\d.]+?)(\.\*)?", clause)
+        # Whole numbers between the dots: '.180' or '1..2' is not a version.
+        match = re.fullmatch(r"(~=|==|!=|>=|<=|>|<)?\s*(\d+(?:\.\d+)*)(\.\*)?", clause)
         if not match:
             raise ArtifactError(
                 f"runtime requirement '{spec}' is not a version range edgeq reads; "

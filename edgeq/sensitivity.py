@@ -205,7 +205,13 @@ def _write_cache(path: Path, table: SensitivityTable) -> None:
 
 
 def calibration_ids(source, text: str, tokens: int) -> list[int]:
-    """The first `tokens` token ids of `text` under the model's tokenizer."""
+    """The first `tokens` token ids of `text` under the model's tokenizer
+    (a model without one, e.g. a random test model, gets the text's bytes
+    folded into its vocabulary)."""
+    if "tokenizer.json" not in source.tokenizer_files:
+        log.warning("model has no tokenizer: calibrating on the text's bytes")
+        vocab = source.config.vocab_size
+        return [b % vocab for b in text.encode()[:tokens]]
     from edgeq.evaluate import source_tokenizer
 
     ids = source_tokenizer(source).encode(text)

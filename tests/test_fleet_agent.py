@@ -31,8 +31,8 @@ FAKE_RUN_PY = textwrap.dedent(
         sys.exit(0 if cmd in ("generate", "serve") else 2)
     if cmd == "generate":
         print("Once upon a time there was a fake model")
-        print(f"prompt: 3 tokens, 100.0 tokens/s | generation: 8 tokens, {TPS} tokens/s",
-              file=sys.stderr)
+        line = "prompt: 3 tokens, 100.0 tokens/s | generation: 8 tokens, "
+        print(line + TPS + " tokens/s", file=sys.stderr)
     elif cmd == "serve":
         from http.server import BaseHTTPRequestHandler, HTTPServer
         class H(BaseHTTPRequestHandler):

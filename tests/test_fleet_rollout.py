@@ -77,8 +77,10 @@ def fake_builds(tmp_path) -> dict[str, Build]:
         (folder / "w.bin").write_text(device)
         info = {"target": "onnxruntime", "runtime": {"arch": arch, "packages": {}}}
         m = artifact.write_manifest(folder, info)
-        builds[device] = Build(device, "k" * 16, folder, folder / "x.tar.gz", "f" * 64,
-                               m["artifact_id"], "onnxruntime", 100.0, cached=True)  # fmt: skip
+        builds[device] = Build(
+            device, "k" * 16, folder, folder / "x.tar.gz", "f" * 64,
+            m["artifact_id"], "onnxruntime", 100.0, cached=True,
+        )  # fmt: skip
     return builds
 
 

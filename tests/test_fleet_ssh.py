@@ -179,7 +179,10 @@ def test_unreachable_host_stops_rollout(hosts, cache, rollout):
         "[hosts.n100-a]", "[hosts.gone]"
     )
     dead = dead.replace(f"port = {a.port}", f"port = {free_port()}")  # nothing listens
-    rollout_toml = "[rollout]\nbatch = 1\nmax_failure_percent = 0\n[rollout.gate]\nmin_tokens_per_s = 1.0"
+    rollout_toml = (
+        "[rollout]\nbatch = 1\nmax_failure_percent = 0\n"
+        "[rollout.gate]\nmin_tokens_per_s = 1.0"
+    )
     path = write_fleet(
         folder / "dead",
         dead + "\n" + host_table(a, key, "intel-n100-16gb"),

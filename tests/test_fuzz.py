@@ -362,7 +362,15 @@ def check_manifest(data: bytes) -> None:
     preflight.missing_packages(manifest["runtime"], PI5)
 
 
-@given(where=st.sampled_from(PATHS), key=st.none() | st.text(max_size=10), value=JSON)
+# Near-valid version specifiers ('>=.180', '==1..*'), which plain text rarely hits.
+SPECS = st.from_regex(r"([~=!<>]{0,2}[0-9.*]{0,6},?){1,2}", fullmatch=True)
+
+
+@given(
+    where=st.sampled_from(PATHS),
+    key=st.none() | st.text(max_size=10),
+    value=JSON | SPECS | st.dictionaries(st.sampled_from(["onnxruntime"]), SPECS),
+)
 @fuzz(300)
 def test_manifest_fields_of_any_type(where, key, value):
     """A field at `where` replaced by any JSON value (key None), or a key of
@@ -378,6 +386,16 @@ def test_manifest_fields_of_any_type(where, key, value):
     elif isinstance(parent[last], dict):
         parent[last][key] = value
     either_ok_or_edgeq_error(check_manifest, json.dumps(manifest).encode())
+
+
+@given(spec=SPECS, version=st.from_regex(r"[0-9.]{0,6}", fullmatch=True))
+@fuzz(300)
+def test_version_specifiers_of_any_form(spec, version):
+    """Found by bench/fuzz_readers.py: '>=.180' in a manifest crashed
+    pre-flight with a TypeError; every specifier now reads or is refused."""
+    from edgeq.preflight import version_satisfies
+
+    either_ok_or_edgeq_error(version_satisfies, version, spec)
 
 
 @given(data=st.data())

@@ -187,7 +187,8 @@ def _summary(result) -> None:
     err = _console(stderr=True)
     if result.dry_run:
         err.print(
-            f"dry run: wrote {result.paths['playbook']} and {result.paths['inventory']}; no host contacted"
+            f"dry run: wrote {result.paths['playbook']} and "
+            f"{result.paths['inventory']}; no host contacted"
         )
         return
     counts: dict[str, int] = {}

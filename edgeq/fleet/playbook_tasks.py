@@ -90,6 +90,13 @@ WantedBy=multi-user.target
 """
 
 
+_UNPACK = [
+    "unpack", *_ROOT, "--id", "{{ edgeq_release }}",
+    "--sha256", "{{ edgeq_archive_sha256 }}",
+    "--archive", "{{ edgeq_root }}/incoming/{{ edgeq_release }}.tar.gz",
+]  # fmt: skip
+
+
 def _fetch_tasks() -> list[dict]:
     """Ship the agent; copy the archive unless its release is already there."""
     return [
@@ -115,43 +122,23 @@ def _fetch_tasks() -> list[dict]:
             "when": "edgeq_wheels is defined",
         },
         # The agent checks the archive's sha256 before it reads a byte of it.
-        _agent(
-            "verify and unpack",
-            [
-                "unpack",
-                *_ROOT,
-                "--id",
-                "{{ edgeq_release }}",
-                "--sha256",
-                "{{ edgeq_archive_sha256 }}",
-                "--archive",
-                "{{ edgeq_root }}/incoming/{{ edgeq_release }}.tar.gz",
-            ],
-        ),
+        _agent("verify and unpack", _UNPACK),
     ]
 
 
 def _release_tasks() -> list[dict]:
     """Install, gate, switch, serve: the part a failure rolls back."""
     wheels = "{{ (edgeq_root + '/wheels') if edgeq_wheels is defined else '' }}"
+    # Flag and value on one line each, easier to read than one per line.
     gate = [
-        "gate",
-        *_ROOT,
-        "--id",
-        "{{ edgeq_release }}",
-        "--prompt",
-        "{{ edgeq_gate_prompt }}",
-        "--max-tokens",
-        "{{ edgeq_gate_max_tokens }}",
-        "--min-share",
-        "{{ edgeq_gate_min_share }}",
-        "--timeout",
-        "{{ edgeq_gate_timeout }}",
-        "--profile",
-        "{{ edgeq_gate_profile }}",
-        "--min-tps",
-        "{{ edgeq_gate_min_tps | default('') }}",
-    ]
+        "gate", *_ROOT, "--id", "{{ edgeq_release }}",
+        "--prompt", "{{ edgeq_gate_prompt }}",
+        "--max-tokens", "{{ edgeq_gate_max_tokens }}",
+        "--min-share", "{{ edgeq_gate_min_share }}",
+        "--timeout", "{{ edgeq_gate_timeout }}",
+        "--profile", "{{ edgeq_gate_profile }}",
+        "--min-tps", "{{ edgeq_gate_min_tps | default('') }}",
+    ]  # fmt: skip
     systemd = "edgeq_service == 'systemd'"
     return [
         # A release that is already current passed its gate when it was
@@ -188,7 +175,8 @@ def _release_tasks() -> list[dict]:
                 "name": "{{ edgeq_service_name }}",
                 "daemon_reload": True,
                 "enabled": True,
-                "state": "{{ 'restarted' if (edgeq_switch is changed or edgeq_unit is changed) else 'started' }}",
+                "state": "{{ 'restarted' if (edgeq_switch is changed"
+                " or edgeq_unit is changed) else 'started' }}",
             },
             "when": systemd,
             "become": _BECOME,
@@ -207,7 +195,8 @@ def _rescue_tasks() -> list[dict]:
     # The agent's JSON names the problem; other modules only have a msg.
     why = (
         "{% set out = (ansible_failed_result.stdout | default('')) or '{}' %}"
-        "{{ (out | from_json).error | default(ansible_failed_result.msg | default('failed')) }}"
+        "{{ (out | from_json).error"
+        " | default(ansible_failed_result.msg | default('failed')) }}"
     )
     return [
         _agent(

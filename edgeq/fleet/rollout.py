@@ -201,7 +201,10 @@ def _preflight(config, hosts, builds, result: RolloutResult, say) -> None:
             continue
         text = "; ".join(reasons)
         if host.preflight == "warn":
-            warning = f'host {host.name!r}: pre-flight ({text}); deploying anyway (preflight = "warn")'
+            warning = (
+                f"host {host.name!r}: pre-flight ({text}); deploying anyway "
+                '(preflight = "warn")'
+            )
             result.warnings.append(warning)
             _log(result, warning)
         else:
