@@ -37,7 +37,7 @@ def stories():
 
 @pytest.fixture(scope="module")
 def table(stories):
-    return measure(stories, "mlx", calibration_text(), 128)
+    return measure(stories, "mlx", calibration_text(), 512)
 
 
 def test_every_matrix_that_can_be_quantized_is_measured(stories, table):
@@ -47,7 +47,7 @@ def test_every_matrix_that_can_be_quantized_is_measured(stories, table):
         if len(i.shape) == 2 and i.shape[1] % 32 == 0  # down_proj: 172 fits none
     }
     assert set(table.tensors) == wanted
-    assert table.tokens == 128 and table.model_sha256 == stories.source_sha256
+    assert table.tokens == 512 and table.model_sha256 == stories.source_sha256
     # The output head matters most: every logit goes through it.
     at4 = {n: e.predicted_kl("4/64/affine") for n, e in table.tensors.items()}
     assert max(at4, key=at4.get) == "lm_head.weight"
@@ -67,7 +67,7 @@ def test_extrapolated_kl_agrees_with_real_measurements(stories, table):
     measured for real at every choice, for a sample of tensors: ranks agree
     and values agree within a factor of 2 for nine in ten of them (3 for
     all)."""
-    runner = _Runner(stories, calibration_ids(stories, calibration_text(), 128))
+    runner = _Runner(stories, calibration_ids(stories, calibration_text(), 512))
     names = sorted(table.tensors)[::4]
     pred, real = [], []
     for name in names:
@@ -80,7 +80,8 @@ def test_extrapolated_kl_agrees_with_real_measurements(stories, table):
     pred, real = np.array(pred), np.array(real)
     ranks = np.corrcoef(np.argsort(np.argsort(pred)), np.argsort(np.argsort(real)))
     assert ranks[0, 1] > 0.9
-    off = np.abs(np.log(pred / real))
+    # KLs under 1e-4 nats (8-bit choices) are noise and never decide a plan.
+    off = np.abs(np.log(pred / real))[real > 1e-4]
     assert np.quantile(off, 0.9) < np.log(2) and off.max() < np.log(3)
 
 
