@@ -151,6 +151,13 @@ class ReferenceModel:
     def __init__(self, source, max_positions: int = 4096):
         self.cfg = cfg = source.config
         self.w = {name: source.read(name) for name in source.tensor_names()}
+        # Projections kept as [in, out] so x @ W is a plain BLAS call (a
+        # transposed view made numpy copy the matrix on every call).
+        self.wt = {
+            n: np.ascontiguousarray(w.T)
+            for n, w in self.w.items()
+            if w.ndim == 2 and n.startswith("model.layers.")
+        }
         self.head = self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])
         self.rope = {}
         for layer in range(cfg.num_layers):
@@ -195,7 +202,7 @@ class ReferenceModel:
         return x + self._mlp(p, h)
 
     def _linear(self, name, x):
-        y = x @ self.w[name + ".weight"].T
+        y = x @ self.wt[name + ".weight"]
         bias = self.w.get(name + ".bias")
         return y if bias is None else y + bias
 

@@ -253,6 +253,11 @@ def measure(
             table.tensors[name] = entry
         if progress:
             progress(n + 1, len(names), name)
+    layer_kls = [e.kl for n, e in table.tensors.items() if _layer_of(n) is not None]
+    if layer_kls and max(layer_kls) <= 0:
+        # A replaced weight that changes nothing means the reference model
+        # keeps it somewhere set_weight does not know about.
+        raise RuntimeError("sensitivity: replacing layer weights had no effect")
     table.seconds = round(time.perf_counter() - start, 1)
     log.info("measured %d tensors in %.0f s", len(table.tensors), table.seconds)
     return table
@@ -336,9 +341,7 @@ class _Runner:
         """KL(float || float with `name` replaced by `image`), per token."""
         m = self.model
         saved = m.w[name]
-        m.w[name] = image
-        if name == self.head_name:
-            m.head = image
+        set_weight(m, name, image)
         try:
             layer = _layer_of(name)
             if layer is not None:
@@ -349,10 +352,20 @@ class _Runner:
                 final = self.final
             logp = _log_softmax(final @ m.head.T)
         finally:
-            m.w[name] = saved
-            if name == self.head_name:
-                m.head = saved
+            set_weight(m, name, saved)
         return kl_divergence(self.base_logp, logp)
+
+
+def set_weight(model: ReferenceModel, name: str, value: np.ndarray) -> None:
+    """Replace one weight of a ReferenceModel in every form it keeps (the
+    [out, in] table, its transposed copy for BLAS, the head alias)."""
+    model.w[name] = value
+    transposed = getattr(model, "wt", None)
+    if transposed is not None and name in transposed:
+        transposed[name] = np.ascontiguousarray(value.T)
+    tied = "lm_head.weight" not in model.w
+    if name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight"):
+        model.head = value
 
 
 def kl_divergence(logp: np.ndarray, logq: np.ndarray) -> float:

@@ -258,27 +258,23 @@ def tied_but_head_differs(tmp):
     )
 
 
-def untied_but_no_head(tmp):
-    m = write_hf_model(tmp / "m", "qwen2", tie_word_embeddings=False, lm_head="absent")
+def _no_head(tmp, m):
     return deploy_args(m, tmp / "dist/out"), (
         f"{m}: config says tie_word_embeddings is false but the checkpoint has no "
         "'lm_head.weight'; pass --tie-embeddings to reuse "
         "model.embed_tokens.weight as the output head, or fix the checkpoint"
     )
+
+
+def untied_but_no_head(tmp):
+    m = write_hf_model(tmp / "m", "qwen2", tie_word_embeddings=False, lm_head="absent")
+    return _no_head(tmp, m)
 
 
 def tie_key_missing_and_no_head(tmp):
     # Llama's default is untied, so a missing key means "expects lm_head".
     m = write_hf_model(tmp / "m", tie_word_embeddings=None, lm_head="absent")
-    return untied_but_no_head_message(m, tmp)
-
-
-def untied_but_no_head_message(m, tmp):
-    return deploy_args(m, tmp / "dist/out"), (
-        f"{m}: config says tie_word_embeddings is false but the checkpoint has no "
-        "'lm_head.weight'; pass --tie-embeddings to reuse "
-        "model.embed_tokens.weight as the output head, or fix the checkpoint"
-    )
+    return _no_head(tmp, m)
 
 
 def unknown_rope_scaling(tmp):

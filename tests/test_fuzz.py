@@ -202,7 +202,7 @@ def safetensors_headers(draw) -> bytes:
 
 
 @given(blob=safetensors_headers())
-@fuzz(200)
+@fuzz(150)
 def test_safetensors_headers(blob, tmp_path_factory):
     path = tmp_path_factory.mktemp("f", numbered=True) / "model.safetensors"
     path.write_bytes(blob)

@@ -82,6 +82,7 @@ PLANS = {
     "int8-block32": {"bits": 8, "group_size": 32},
     "int4-block32": {"bits": 4, "group_size": 32},
     "int4-block64": {"bits": 4, "group_size": 64},
+    "int2-block32": {"bits": 2, "group_size": 32},
 }
 
 

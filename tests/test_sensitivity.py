@@ -104,9 +104,12 @@ def test_tables_are_cached_per_model_and_calibration_text(stories, monkeypatch, 
 # -- the allocator ------------------------------------------------------------------
 
 
-@pytest.fixture()
-def cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path))
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One sensitivity cache for the module: each table is measured once."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEQ_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 def test_mixed_plan_spends_the_budget_by_sensitivity(stories, cache):

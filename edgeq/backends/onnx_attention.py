@@ -20,7 +20,9 @@ def attention(dec, layer: int, h: str) -> str:
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     if dec._fusable(names):
         qkv = lin.linear(h, names, bias)  # [1, S, (H + 2 KV) D]
-        packed = dec.opts.fused_attention and not cfg.qk_norm
+        packed = (
+            dec.opts.fused_attention and not cfg.qk_norm and _window(cfg, layer) is None
+        )
         if packed:
             q, k, v = qkv, "", ""
         else:
@@ -34,7 +36,11 @@ def attention(dec, layer: int, h: str) -> str:
     if cfg.qk_norm:
         q = _head_norm(dec, q, cfg.num_heads, p + "q_norm.weight")
         k = _head_norm(dec, k, cfg.num_kv_heads, p + "k_norm.weight")
-    if dec.opts.fused_attention:
+    # Sliding-window layers always use explicit masks: GroupQueryAttention's
+    # local_window_size keeps window + 1 keys in onnxruntime 1.22 and window
+    # keys in 1.32, so a fused local layer would mean different things on
+    # different devices (found running the tiny Gemma test on both).
+    if dec.opts.fused_attention and _window(cfg, layer) is None:
         out = _gqa(dec, layer, q, k, v)
     else:
         out = _standard(dec, layer, q, k, v)
@@ -67,7 +73,6 @@ def _gqa(dec, layer, q, k, v) -> str:
     (and local) softmax attention; present = past + new along T."""
     cfg, gw = dec.cfg, dec.gw
     cos, sin = dec.rope_tables(layer)
-    window = _window(cfg, layer)
     out = gw.fresh("attn")
     gw.ms(
         "GroupQueryAttention",
@@ -88,9 +93,6 @@ def _gqa(dec, layer, q, k, v) -> str:
         scale=_scale(cfg),
         do_rotary=1,
         rotary_interleaved=0,
-        # Both count the query itself: query i sees keys i - W + 1 .. i
-        # (checked against the reference with a window shorter than the text).
-        local_window_size=window or -1,
     )
     return out
 
@@ -140,7 +142,8 @@ def _rope_rows(dec, layer: int) -> tuple[str, str]:
     if tables not in dec.rope_rows:
         gw, rows = dec.gw, []
         for table in tables:
-            half = gw.node("Gather", [table, dec.positions])  # [S, D/2]
+            queries, _ = dec.standard_positions()
+            half = gw.node("Gather", [table, queries])  # [S, D/2]
             rows.append(gw.node("Concat", [half, half], axis=-1))
         dec.rope_rows[tables] = tuple(rows)
     return dec.rope_rows[tables]
@@ -175,8 +178,9 @@ def _mask(dec, window: int | None) -> str:
         return dec.masks[window]
     gw = dec.gw
     one = gw.const("axis1", [1])
-    qpos = gw.node("Unsqueeze", [dec.positions, one])  # [S, 1]
-    kpos = gw.node("Unsqueeze", [dec.key_positions, gw.const("axis0", [0])])  # [1, T]
+    queries, keys = dec.standard_positions()
+    qpos = gw.node("Unsqueeze", [queries, one])  # [S, 1]
+    kpos = gw.node("Unsqueeze", [keys, gw.const("axis0", [0])])  # [1, T]
     allowed = gw.node("LessOrEqual", [kpos, qpos])
     if window:
         dist = gw.node("Sub", [qpos, kpos])

@@ -33,7 +33,16 @@ log = logging.getLogger(__name__)
 # what ONNX Runtime >= 1.12 reads. Contrib ops are all version 1.
 OPSET = 14
 IR_VERSION = 8
-MIN_ORT = {"float": "1.18", "per_channel": "1.18", "nbits": "1.22"}
+# Oldest onnxruntime each storage runs on, checked by running the tiny-model
+# tests on 1.20.1, 1.22.0 and 1.32.0 (1.20 lacks 8-bit MatMulNBits; 1.18
+# wheels need numpy 1.x, not tried).
+MIN_ORT = {
+    "float": "1.20",
+    "per_channel": "1.20",
+    "nbits2": "1.32",  # only tried on 1.32
+    "nbits4": "1.20",
+    "nbits8": "1.22",
+}
 MODEL_FILES = ["model.onnx", "model.onnx.data"]
 
 
@@ -217,6 +226,7 @@ def _metadata(source, plan, opts, settings, lin, fallback) -> dict[str, str]:
         "edgeq.options": json.dumps(asdict(opts), sort_keys=True),
         "edgeq.int8": json.dumps(asdict(settings), sort_keys=True),
         "edgeq.fused_weights": json.dumps(lin.fused, sort_keys=True),
+        "edgeq.tables": json.dumps(lin.tables, sort_keys=True),
         "edgeq.device": plan.device,
         "edgeq.fallback": fallback,
     }
@@ -257,7 +267,7 @@ def runtime_requirements(plan, device) -> dict:
     kinds = {"float"}
     for t in plan.tensors:
         if t.quantized:
-            kinds.add("per_channel" if t.group_size is None else "nbits")
+            kinds.add("per_channel" if t.group_size is None else f"nbits{t.bits}")
     ort_min = max(
         (MIN_ORT[k] for k in kinds), key=lambda v: tuple(map(int, v.split(".")))
     )

@@ -108,11 +108,17 @@ class DecoderGraph:
             self.total32 = total32
             last = gw.node("Sub", [total32, gw.const("one32", 1, np.int32)])
             self.seqlens_k = gw.node("Reshape", [last, gw.const("shape1", [1])])
-        else:
-            one = gw.const("one", 1)
-            self.positions = gw.node("Range", [self.past_len, self.total_len, one])
-            zero = gw.const("zero", 0)
-            self.key_positions = gw.node("Range", [zero, self.total_len, one])
+        self._standard_positions: tuple[str, str] | None = None
+
+    def standard_positions(self) -> tuple[str, str]:
+        """Query positions [S] = P .. T-1 and key positions [T] = 0 .. T-1,
+        made the first time a standard-op attention layer needs them."""
+        if self._standard_positions is None:
+            gw, one = self.gw, self.gw.const("one", 1)
+            queries = gw.node("Range", [self.past_len, self.total_len, one])
+            keys = gw.node("Range", [gw.const("zero", 0), self.total_len, one])
+            self._standard_positions = (queries, keys)
+        return self._standard_positions
 
     def _embedding_table(self):
         name = "model.embed_tokens.weight"

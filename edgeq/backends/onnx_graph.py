@@ -58,8 +58,6 @@ class GraphWriter:
         self.domains: set[str] = set()
         self.external_bytes = 0
         self._names: dict[str, int] = {}
-        # small arrays kept for later nodes that need them in another shape
-        self.initializers_by_name: dict[str, np.ndarray] = {}
         # Held open across add calls; closed by save() or close().
         self._data = open(self.out / data_name, "wb")  # noqa: SIM115
 
@@ -86,11 +84,6 @@ class GraphWriter:
             self._external_proto(name, array.dtype, array.shape, offset, array.nbytes)
         )
         return name
-
-    def keep(self, name: str, array: np.ndarray) -> str:
-        """Add a small constant and keep it in memory for later reuse."""
-        self.initializers_by_name[name] = array
-        return self.initializer(name, array)
 
     def const(self, stem: str, value, dtype=np.int64) -> str:
         return self.initializer(self.fresh(stem), np.asarray(value, dtype=dtype))

@@ -99,6 +99,8 @@ class LinearEmitter:
         self.done = done  # callback(tensor name), once per tensor consumed
         # fused initializer name -> the HF tensors in it, in order (read_back)
         self.fused: dict[str, list[str]] = {}
+        # block-quantized tables read by Gather -> [bits, group] (read_back)
+        self.tables: dict[str, list] = {}
 
     def linear(self, x: str, names: list[str], bias: list[str] | None = None) -> str:
         """x [1, S, K] -> [1, S, sum of N_i] for weights `names` ([N_i, K] each,
@@ -178,21 +180,35 @@ class LinearEmitter:
         raise ValueError(f"{st.weight}: a [K, N] float weight is not a table")
 
     def _gather_blockwise(self, st: Stored, ids: str) -> str:
-        """Rows of B [V, K/group, blob], shared with the MatMulNBits head (no
-        second copy of B); the gather op wants scales of B's rank, so they get
-        their own small [V, K/group, 1] initializer."""
-        scales = self.gw.initializers_by_name[st.weight + "_scales"]
-        s3 = self.gw.initializer(st.weight + "_scales3", scales[:, :, None])
-        rows = self.gw.ms(
-            "GatherBlockQuantized",
-            [st.weight, ids, s3],
-            bits=st.bits,
-            block_size=st.group,
-            gather_axis=0,
-            quantize_axis=2,
-        )  # [1, S, K/group, group]
-        shape = self.gw.const("shape_1_s_k", [1, -1, st.k])
-        return self.gw.node("Reshape", [rows, shape])
+        """Rows of B [V, K/group, blob] (shared with a MatMulNBits head, no
+        second copy), unpacked and scaled with standard ops: the contrib
+        GatherBlockQuantized takes this layout only in recent onnxruntime
+        (1.22 refuses it), and gathering S rows costs nothing either way."""
+        gw = self.gw
+        self.tables[st.weight] = [st.bits, st.group]
+        rows = gw.node("Gather", [st.weight, ids])  # [1, S, K/group, blob]
+        if st.bits == 8:
+            q = gw.node("Cast", [rows], to=1)
+        else:
+            q = self._unpack(rows, st.bits)  # [1, S, K/group, group]
+        zero = gw.const("zero_point", float(2 ** (st.bits - 1)), np.float32)
+        scale = gw.node("Gather", [st.weight + "_scales", ids])  # [1, S, K/group]
+        scale = gw.node("Unsqueeze", [scale, gw.const("axis_last", [-1])])
+        w = gw.node("Mul", [gw.node("Sub", [q, zero]), scale])
+        return gw.node("Reshape", [w, gw.const("shape_1_s_k", [1, -1, st.k])])
+
+    def _unpack(self, packed: str, bits: int) -> str:
+        """uint8 [..., blob] -> float [..., blob * 8 / bits], low bits first."""
+        gw = self.gw
+        x = gw.node("Cast", [packed], to=6)  # int32: Div/Mod take it everywhere
+        parts = []
+        for i in range(8 // bits):
+            shifted = gw.node("Div", [x, gw.const("pow2", 2 ** (bits * i), np.int32)])
+            part = gw.node("Mod", [shifted, gw.const("base", 2**bits, np.int32)])
+            parts.append(gw.node("Unsqueeze", [part, gw.const("axis_last", [-1])]))
+        both = gw.node("Concat", parts, axis=-1)  # [..., blob, 8 / bits]
+        flat = gw.node("Reshape", [both, gw.const("shape_unpack", [0, 0, 0, -1])])
+        return gw.node("Cast", [flat], to=1)
 
     # -- writing weights -------------------------------------------------------
     def _read(self, name: str) -> np.ndarray:
@@ -247,7 +263,7 @@ class LinearEmitter:
 
         shape = (n_total, k // group, group * bits // 8)
         self.gw.stream_initializer(wname, np.uint8, shape, chunks())
-        self.gw.keep(wname + "_scales", np.concatenate(scales))
+        self.gw.initializer(wname + "_scales", np.concatenate(scales))
 
 
 def _fused_name(names: list[str]) -> str:

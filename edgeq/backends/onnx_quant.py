@@ -6,7 +6,7 @@ Two storage forms, both symmetric (no zero points stored):
   [K, N] (input features first), one float scale per output column [N].
   With `reduce_range` the weights use 7 bits (-63..63) so that a u8 x s8 pair
   sum fits int16 on x86 CPUs without VNNI (vpmaddubsw saturates; case C07).
-- block-wise N-bit for `MatMulNBits` / `GatherBlockQuantized` (com.microsoft):
+- block-wise N-bit for `MatMulNBits` (com.microsoft):
   B is uint8 [N, K / block, block * bits / 8] packed along K, low bits first;
   scales [N, K / block]; the implied zero point is 2^(bits - 1), so stored
   values are q + 2^(bits - 1) with q in [-(2^(bits-1) - 1), 2^(bits-1) - 1].

@@ -16,12 +16,15 @@ def stored_tensors(model) -> dict[str, tuple[int, int | None]]:
     """{HF tensor name: (bits, group_size or None)}; 16 means float."""
     meta = {p.key: p.value for p in model.metadata_props}
     fused = json.loads(meta.get("edgeq.fused_weights", "{}"))
+    tables = {
+        k: tuple(v) for k, v in json.loads(meta.get("edgeq.tables", "{}")).items()
+    }
     inits = {t.name: t for t in model.graph.initializer}
     storage: dict[str, tuple[int, int | None]] = {}
     for node in model.graph.node:
         for pos, name in enumerate(node.input):
             if name in inits and _is_tensor_name(name, fused):
-                got = _storage(node, pos, inits[name])
+                got = _storage(node, pos, inits[name], tables.get(name))
                 if got is None:
                     continue
                 previous = storage.setdefault(name, got)
@@ -48,8 +51,10 @@ def _attr(node, key: str):
     return None
 
 
-def _storage(node, pos: int, init) -> tuple[int, int | None] | None:
-    """(bits, group) of an initializer from the node reading it at `pos`."""
+def _storage(node, pos: int, init, table=None) -> tuple[int, int | None] | None:
+    """(bits, group) of an initializer from the node reading it at `pos`;
+    `table` is the recorded storage of a block-quantized table that plain
+    Gather nodes read."""
     op = node.op_type
     if op == "MatMulNBits" and pos == 1:
         return _attr(node, "bits"), _attr(node, "block_size")
@@ -59,6 +64,8 @@ def _storage(node, pos: int, init) -> tuple[int, int | None] | None:
         return 8, None
     if init.data_type in _FLOAT:
         return 16, None
-    if init.data_type in (TensorProto.INT8, TensorProto.UINT8) and op == "Gather":
-        return 8, None  # rows of a per-channel table shared with its head
+    if op == "Gather" and init.data_type == TensorProto.UINT8:
+        return table  # a block-quantized table: its storage is recorded
+    if op == "Gather" and init.data_type == TensorProto.INT8:
+        return 8, None  # rows of a per-channel table
     return None
