@@ -60,6 +60,7 @@ def default_out(model_ref: str, device: str) -> Path:
 def prepare(req: DeployRequest):
     """Everything that can fail cheaply, before any heavy work."""
     from edgeq.devices import get_device
+    from edgeq.fsutil import check_output_location
     from edgeq.models import open_model
     from edgeq.plan import Plan
     from edgeq.planner import PlanRequest, check_fits, make_plan
@@ -73,6 +74,7 @@ def prepare(req: DeployRequest):
             f"output '{out}' already exists; pass --force to replace it or "
             "choose another --out"
         )
+    check_output_location(out)
     source = open_model(req.model, tie=req.tie_embeddings)
     preq = PlanRequest(
         target=target, bits=req.bits, group_size=req.group_size,
@@ -116,7 +118,7 @@ def deploy(req: DeployRequest, progress=None) -> DeployResult:
     device, target, out, source, plan = prepare(req)
     backend = load_backend(target)
     timings = {}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # atomic_output_dir makes the parent folders, refusing with one line.
     with atomic_output_dir(out, force=req.force) as tmp, disk_full_as_error(out):
         say("build", f"{len(plan.tensors)} tensors")
         backend.build(source, plan, tmp, progress=lambda name: say("tensor", name))
@@ -130,12 +132,22 @@ def deploy(req: DeployRequest, progress=None) -> DeployResult:
         measured = _smoke_run(tmp, target, plan, req.smoke_tokens)
         measured.update(_quality(req, tmp, source, plan, say))
         timings.update(measured.pop("_timing"))
+        # Durations differ build to build; the archive must not.
+        for key in [k for k in measured if k == "seconds" or k.endswith("_s")]:
+            timings[f"quality_{key}"] = measured.pop(key)
         info = _manifest_info(source, device, target, plan, backend, measured)
         manifest = artifact.write_manifest(tmp, info)
     archive_path = None
     if req.archive:
-        say("archive", str(out) + ".tar.gz")
-        archive_path = artifact.pack(out, out.parent / (out.name + ".tar.gz"))
+        archive_path = out.parent / (out.name + ".tar.gz")
+        say("archive", str(archive_path))
+        try:
+            artifact.pack(out, archive_path)
+        except BaseException:
+            # The folder is the new, verified build; an archive of an older
+            # build left beside it would not match it.
+            archive_path.unlink(missing_ok=True)
+            raise
     timings["total_s"] = round(time.perf_counter() - t0, 2)
     return DeployResult(
         out, archive_path, manifest, plan, measured.get("smoke_text", ""), timings

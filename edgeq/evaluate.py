@@ -276,3 +276,58 @@ class SimulatedPlan(FloatReference):
                 w = self.model.w[t.name]
                 image = fake_quantize(w, t.bits, t.group_size, t.scheme)
                 set_weight(self.model, t.name, image)
+
+
+# -- `edgeq eval` ------------------------------------------------------------
+
+
+def default_eval_text() -> Path:
+    """The project's evaluation text: $EDGEQ_EVAL_TEXT, else Pride and
+    Prejudice from ../shared/text beside the repository, else the shipped
+    hold-out text (an installed edgeq has no ../shared)."""
+    env = os.environ.get("EDGEQ_EVAL_TEXT")
+    if env:
+        return Path(env)
+    shared = Path(__file__).resolve().parents[2] / "shared" / "text" / EVAL_TEXT
+    return shared if shared.exists() else HOLDOUT_TEXT
+
+
+def read_text(path: Path, flag: str = "--text") -> str:
+    """The UTF-8 text at `path`, or ArtifactError naming the flag."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArtifactError(f"{flag} {path}: file not found") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise ArtifactError(f"{flag} {path}: not a UTF-8 text file ({e})") from None
+
+
+def evaluate_artifact(
+    artifact: Path, text: Path | None = None, source: str | None = None,
+    max_tokens: int = 1024, window: int = DEFAULT_WINDOW,
+    stride: int = DEFAULT_STRIDE,
+) -> dict:  # fmt: skip
+    """`edgeq eval`: the artifact's perplexity on the text (sliding window),
+    and against its float source (the manifest's model.source unless
+    `source` is given) perplexity increase, top-1 agreement and KL."""
+    from edgeq.models import open_model
+
+    text_path = Path(text) if text else default_eval_text()
+    body = read_text(text_path)
+    engine = load_artifact(artifact)
+    manifest = getattr(engine, "manifest", {}) or {}
+    source_ref = source or manifest.get("model", {}).get("source")
+    ids = engine.tokenizer.encode(body)[:max_tokens]
+    reference = None
+    if source_ref:
+        reference = float_reference(open_model(source_ref), window + 8)
+    else:
+        log.warning("no source model: perplexity only (pass --source)")
+    result = evaluate(engine, ids, reference, window, stride)
+    return {
+        "artifact": str(artifact),
+        "target": manifest.get("target"),
+        "text": str(text_path),
+        "source": source_ref,
+        **result.to_dict(),
+    }

@@ -47,6 +47,26 @@ def disk_full_as_error(path: str | os.PathLike) -> Iterator[None]:
         raise
 
 
+def check_output_location(final: str | os.PathLike) -> None:
+    """Raise ArtifactError unless `final` can be created: its nearest existing
+    ancestor must be a folder this process may write into. Checked before
+    any heavy work, so a typo in an output path costs nothing."""
+    final = Path(final)
+    parent = final.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(
+            f"output '{final}': '{parent}' is a file, not a folder; choose "
+            "another output path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(
+            f"output '{final}': no permission to write in '{parent}'; choose "
+            "another output path"
+        )
+
+
 def _fsync_dir(folder: Path) -> None:
     # A rename is only durable once its directory entry is on disk. Some
     # platforms (Windows) cannot open a directory; there it is best effort.
@@ -88,10 +108,17 @@ def atomic_output_dir(final: str | os.PathLike, force: bool = False) -> Iterator
             f"output '{final}' already exists; pass --force to replace it "
             "or choose another --out"
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
+    check_output_location(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    _remove(tmp)  # left over by a crashed run that had the same pid
-    tmp.mkdir()
+    try:
+        with disk_full_as_error(final):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)  # left over by a crashed run that had the same pid
+            tmp.mkdir()
+    except OSError as e:  # a read-only file system, a vanished parent
+        raise ArtifactError(
+            f"cannot create output '{final}': {e.strerror}; choose another output path"
+        ) from None
 
     try:
         with disk_full_as_error(final):

@@ -26,6 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_cli import (
+    EDGEQ,
+    MAC,
+    PI,
+    assert_nothing_written,
+    assert_one_line_error,
+    deploy_args,
+    flip_byte,
+    leftovers,
+)
 from helpers_models import (
     edit_config,
     random_tensors,
@@ -43,9 +53,6 @@ LFS_POINTER = (
     "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
     "size 1342177280\n"
 )
-MAC = "macbook-air-m1-8gb"  # mlx target: mlx-lm runs on Linux's CPU too
-PI = "rpi5-8gb"  # onnxruntime target
-EDGEQ = Path(sys.executable).with_name("edgeq")
 
 
 @pytest.fixture(autouse=True)
@@ -53,41 +60,6 @@ def isolated(tmp_path, monkeypatch):
     """No user devices file and no model cache from the machine leak in."""
     monkeypatch.setenv("EDGEQ_USER_DEVICES", str(tmp_path / "no-user-devices.toml"))
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
-
-
-def deploy_args(model, out: Path, device: str = MAC, *extra) -> list[str]:
-    return ["deploy", str(model), "--device", device, "--out", str(out),
-            "--no-quality-gate", "--no-archive", "--smoke-tokens", "2", *extra]  # fmt: skip
-
-
-def leftovers(parent: Path, name: str) -> list[str]:
-    """Temporary folders or files that atomic writes leave when they fail."""
-    if not parent.is_dir():
-        return []
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
-
-
-def assert_one_line_error(result, message: str | re.Pattern) -> None:
-    """Exit 1, exactly one `Error:` line, last on stderr; no traceback."""
-    text = result.stdout + result.stderr
-    assert "Traceback" not in text, text
-    assert result.exit_code == 1, text
-    assert result.exception is None or isinstance(result.exception, SystemExit), (
-        result.exception
-    )
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    assert result.stderr.rstrip("\n").splitlines()[-1] == errors[0]
-    if isinstance(message, re.Pattern):
-        assert message.fullmatch(errors[0][len("Error: ") :]), errors[0]
-    else:
-        assert errors[0] == f"Error: {message}"
-
-
-def assert_nothing_written(out: Path) -> None:
-    assert not out.exists(), sorted(out.iterdir()) if out.is_dir() else out
-    assert not leftovers(out.parent, out.name)
-    assert not Path(str(out) + ".tar.gz").exists()
 
 
 # -- the table ---------------------------------------------------------------
@@ -431,6 +403,17 @@ def output_exists(tmp):
     )
 
 
+def output_under_a_file(tmp):
+    m = write_hf_model(tmp / "m")
+    (tmp / "dist").mkdir()
+    (tmp / "dist/file").write_text("not a folder")
+    out = tmp / "dist/file/out"
+    return deploy_args(m, out), (
+        f"output '{out}': '{tmp}/dist/file' is a file, not a folder; choose "
+        "another output path"
+    )
+
+
 def bad_fleet_host(tmp):
     fleet = tmp / "fleet.toml"
     fleet.write_text(
@@ -476,6 +459,8 @@ BAD_INPUTS = {
     "unknown target": Bad(unknown_target),
     "unknown model name": Bad(unknown_model),
     "output exists, no --force": Bad(output_exists, out="dist/existing"),
+    "output path under a file": Bad(output_under_a_file, out="dist/file/out"),
+    # fleet status writes nothing; the path only proves that.
     "bad field in fleet.toml": Bad(bad_fleet_host, out="fleet-out"),
 }
 
@@ -547,13 +532,6 @@ def artifact(tmp_path_factory):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr
     return out
-
-
-def flip_byte(path: Path, at: int | None = None) -> None:
-    data = bytearray(path.read_bytes())
-    at = len(data) // 2 if at is None else at
-    data[at] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 @pytest.fixture
@@ -706,3 +684,30 @@ def test_disk_full_mid_write_leaves_nothing(tmp_path, monkeypatch, fill, existin
         assert not leftovers(out.parent, out.name)
     else:
         assert_nothing_written(out)
+
+
+def test_disk_full_while_packing_leaves_no_stale_archive(tmp_path, monkeypatch):
+    """The folder is complete and verifies; the archive of an earlier build
+    is not left beside it to be shipped by mistake."""
+    from edgeq import artifact
+
+    model = write_hf_model(tmp_path / "m")
+    out = tmp_path / "dist/out"
+    old_archive = Path(str(out) + ".tar.gz")
+    out.mkdir(parents=True)
+    old_archive.write_bytes(b"an archive of the previous build")
+
+    def half_then_full(raw, *args):
+        raw.write(b"\x1f\x8b partial")
+        _enospc()
+
+    monkeypatch.setattr(artifact, "_write_tar", half_then_full)
+    args = [a for a in deploy_args(model, out, MAC, "--force") if a != "--no-archive"]
+    result = CliRunner().invoke(app, args)
+    assert_one_line_error(
+        result, f"disk full while writing {old_archive}: free space and retry"
+    )
+    assert not old_archive.exists()
+    artifact.verify(out)
+    assert not leftovers(out.parent, out.name)
+    assert not leftovers(out.parent, old_archive.name)

@@ -18,15 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_models import (
-    edit_config,
-    random_tensors,
-    save_safetensors,
-    tiny_config,
-    write_gguf_model,
-    write_hf_model,
-)
-from test_bad_inputs import (
+from helpers_cli import (
     MAC,
     PI,
     assert_nothing_written,
@@ -34,6 +26,14 @@ from test_bad_inputs import (
     deploy_args,
     flip_byte,
     leftovers,
+)
+from helpers_models import (
+    edit_config,
+    random_tensors,
+    save_safetensors,
+    tiny_config,
+    write_gguf_model,
+    write_hf_model,
 )
 from typer.testing import CliRunner
 

@@ -25,9 +25,11 @@ X86 = "x86-server-avx512-vnni"
 
 
 def llama(**kw) -> ModelConfig:
-    base = dict(architecture="llama", hidden_size=64, num_layers=2, num_heads=4,
-                num_kv_heads=2, head_dim=16, intermediate_size=128, vocab_size=256,
-                max_position_embeddings=512)  # fmt: skip
+    base = {
+        "architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+        "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 128,
+        "vocab_size": 256, "max_position_embeddings": 512,
+    }  # fmt: skip
     return ModelConfig(**{**base, **kw})
 
 
@@ -334,7 +336,7 @@ def test_cli_plan_table_json_and_out(tmp_path):
     assert "bits per weight" in r.output and "tokens/s predicted" in r.output
     assert Plan.load(out).target == "mlx"
     r = CliRunner().invoke(app, ["plan", str(STORIES_GGUF), "-d", "rpi5-4gb", "--json"])
-    doc = json.loads(r.output)
+    doc = json.loads(r.stdout)
     assert doc["target"] == "onnxruntime" and doc["predictions"]["fits"]
 
 

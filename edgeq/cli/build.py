@@ -30,7 +30,7 @@ def deploy(
     target_bpw: Optional[float] = typer.Option(None, help="Mixed precision within this bits/weight budget."),
     context: int = typer.Option(4096, help="Context length the memory check assumes."),
     plan: Optional[Path] = typer.Option(None, help="Replay a saved plan (edgeq plan --out)."),
-    max_ppl_increase: Optional[float] = typer.Option(None, help="Quality gate: allowed perplexity increase, 0.05 = 5%."),
+    max_ppl_increase: Optional[float] = typer.Option(None, help="Quality gate: allowed perplexity increase over the float model, 0.05 = 5%. Default: 0.05 for 8-bit plans, 0.5 for 4-bit and lower."),
     no_quality_gate: bool = typer.Option(False, "--no-quality-gate", help="Skip the quality gate."),
     smoke_tokens: int = typer.Option(16, help="Tokens the smoke test generates."),
     no_archive: bool = typer.Option(False, "--no-archive", help="Skip the .tar.gz."),
@@ -117,7 +117,8 @@ def _print_summary(result) -> None:
     if "ppl_increase" in q:
         t.add_row(
             "quality",
-            f"perplexity {q.get('ppl_float', 0):.2f} -> {q.get('ppl_artifact', 0):.2f} "
+            f"perplexity {q.get('reference_perplexity', 0):.2f} -> "
+            f"{q.get('perplexity', 0):.2f} "
             f"({100 * q['ppl_increase']:+.1f}%), top-1 agreement "
             f"{100 * q.get('top1_agreement', 0):.1f}%",
         )
