@@ -75,6 +75,9 @@ def prepare(req: DeployRequest):
             "choose another --out"
         )
     check_output_location(out)
+    if req.context_length < 1:
+        raise EdgeqError(f"--context must be >= 1 tokens, got {req.context_length}")
+    _check_not_overwriting_input(out, req)
     source = open_model(req.model, tie=req.tie_embeddings)
     preq = PlanRequest(
         target=target, bits=req.bits, group_size=req.group_size,
@@ -89,6 +92,25 @@ def prepare(req: DeployRequest):
         plan = make_plan(source, device, preq)
     check_fits(plan, device, source, preq)
     return device, target, out, source, plan
+
+
+def _check_not_overwriting_input(out: Path, req: DeployRequest) -> None:
+    """--force replaces earlier artifacts only: never the model being read, a
+    folder holding it, or anything that is not an edgeq artifact."""
+    if not out.exists() and not out.is_symlink():
+        return
+    src = Path(req.model).expanduser()
+    if src.exists():
+        src, dst = src.resolve(), out.resolve()
+        if src == dst or dst in src.parents:
+            raise EdgeqError(
+                f"--out {out} is the model being read or holds it; choose another --out"
+            )
+    if not (out.is_dir() and (out / "manifest.json").is_file()):
+        raise EdgeqError(
+            f"--out {out} exists and is not an edgeq artifact; --force replaces "
+            "only artifacts: remove it yourself or choose another --out"
+        )
 
 
 def _check_replayed_plan(plan, source, target, device) -> None:

@@ -144,23 +144,47 @@ def run(
 ):
     """Generate text with an artifact; streams tokens, ends with tokens/s."""
     from edgeq.artifact import verify
-
-    verify(artifact)
+    from edgeq.errors import ArtifactError
     from edgeq_targets.common.cli import format_stats
-    from edgeq_targets.common.engine import GenerationConfig, load_engine
-
-    engine = load_engine(artifact, threads=threads, verify=False)
-    ids = engine.encode_prompt(prompt, chat=False if no_chat else None)
-    cfg = GenerationConfig(
-        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, stop=list(stop),
+    from edgeq_targets.common.engine import (
+        ArtifactCorrupt, GenerationConfig, load_engine,
     )  # fmt: skip
+
+    try:
+        cfg = GenerationConfig(
+            max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop=list(stop),
+        )  # fmt: skip
+    except ValueError as e:
+        raise ArtifactError(f"--{str(e).replace('_', '-')}") from None
+    if threads is not None and threads < 1:
+        raise ArtifactError(f"--threads must be >= 1, got {threads}")
+    verify(artifact)
+    try:
+        engine = load_engine(artifact, threads=threads, verify=False)
+    except ArtifactCorrupt as e:
+        raise ArtifactError(str(e)) from None
+    ids = engine.encode_prompt(prompt, chat=False if no_chat else None)
+    limit = _context_limit(engine)
+    if limit and len(ids) + max_tokens > limit:
+        raise ArtifactError(
+            f"--max-tokens {max_tokens}: the prompt ({len(ids)} tokens) plus the "
+            f"tokens to generate pass the model's context of {limit} tokens; "
+            "ask for fewer tokens or shorten the prompt"
+        )
     for tok in engine.generate(ids, cfg):
         sys.stdout.write(tok.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
     typer.echo(format_stats(engine.last_stats), err=True)
+
+
+def _context_limit(engine) -> int | None:
+    """Positions the model was trained for (RoPE tables end there)."""
+    plan = engine.manifest.get("plan", {})
+    cfg = plan.get("model", {}).get("config", {})
+    return cfg.get("max_position_embeddings")
 
 
 @app.command()

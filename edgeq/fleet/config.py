@@ -216,9 +216,33 @@ def _read(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise FleetError(f"{path}: cannot read it ({e})") from None
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FleetError(f"{path}: not valid TOML ({e}); fix the syntax") from None
+    _refuse_templates(data, str(path))
+    return data
+
+
+# Values land in Ansible's inventory and playbook, where Jinja would run
+# "{{ lookup('pipe', ...) }}" on the controller; no field needs template
+# syntax, so it is refused everywhere, with control characters.
+_TEMPLATE_MARKS = ("{{", "{%", "{#")
+
+
+def _refuse_templates(value: Any, where: str, field: str = "") -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_templates(v, where, f"{field}.{k}" if field else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_templates(v, where, f"{field}[{i}]")
+    elif isinstance(value, str):
+        bad = any(m in value for m in _TEMPLATE_MARKS)
+        if bad or any(ord(c) < 32 for c in value):
+            raise FleetError(
+                f"{where}: field '{field}' holds template syntax or control "
+                f"characters ({value[:40]!r}); Ansible would evaluate it: remove them"
+            )
 
 
 def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:

@@ -35,6 +35,24 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)  # stop strings
     stop_at_eos: bool = True
 
+    def __post_init__(self):
+        """Refuse settings no sampler can honour, naming the field."""
+        import math
+
+        checks = [
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 0,
+             "a whole number >= 0"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0,
+             "a finite number >= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and
+                                           0 <= self.seed < 2**63), "an integer >= 0"),
+        ]  # fmt: skip
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
 
 @dataclass
 class Token:
@@ -241,42 +259,76 @@ def _stop_hit(text: str, piece: str, stops: list[str]) -> int | None:
 def load_engine(artifact, threads: int | None = None, target: str | None = None,
                 verify: bool = True):
     """Open the artifact folder with the engine its manifest names. With
-    `verify`, every file the manifest lists is checked against its sha256
-    first, so a tampered or corrupted file is never loaded."""
+    `verify`, the manifest must list every file with its sha256 and each is
+    checked first, so a tampered or corrupted file is never loaded."""
     artifact = Path(artifact)
     path = artifact / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {}
-    if verify and manifest.get("files"):
-        verify_files(artifact, manifest["files"])
+    manifest = {}
+    if verify or target is None:
+        manifest = read_manifest(path)
+    if verify:
+        verify_files(artifact, manifest.get("files"))
     target = target or manifest.get("target")
-    if target == "mlx":
-        from edgeq_targets.mlx.mlx_engine import MLXEngine
+    try:
+        if target == "mlx":
+            from edgeq_targets.mlx.mlx_engine import MLXEngine
 
-        return MLXEngine(artifact, manifest, threads=threads)
-    if target == "onnxruntime":
-        from edgeq_targets.onnxruntime.ort_engine import ORTEngine
+            return MLXEngine(artifact, manifest, threads=threads)
+        if target == "onnxruntime":
+            from edgeq_targets.onnxruntime.ort_engine import ORTEngine
 
-        return ORTEngine(artifact, manifest, threads=threads)
-    raise ValueError(f"{path}: unknown target '{target}'")
+            return ORTEngine(artifact, manifest, threads=threads)
+    except (ImportError, MemoryError):
+        raise  # a missing runtime or no memory: not the artifact's fault
+    except Exception as e:  # any parse or load failure of the model files
+        raise ArtifactCorrupt(
+            f"{artifact}: the {target} runtime cannot load this artifact "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            "rebuild it with edgeq deploy"
+        ) from None
+    raise ArtifactCorrupt(f"{path}: unknown target '{target}'; rebuild the artifact")
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactCorrupt(f"{path}: missing; this is not an edgeq artifact") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactCorrupt(f"{path}: not valid JSON ({e}); re-copy the artifact") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactCorrupt(f"{path}: not a JSON object; re-copy the artifact")
+    return manifest
 
 
 class ArtifactCorrupt(Exception):
     """A file of the artifact does not match the manifest."""
 
 
-def verify_files(artifact: Path, files: dict) -> None:
+def verify_files(artifact: Path, files) -> None:
+    """Every file listed has its sha256 and none lies outside the artifact
+    (the runner's own copy of edgeq verify; files the device adds beside
+    the artifact, such as logs, are allowed here)."""
     import hashlib
 
+    if not isinstance(files, dict) or not files:
+        raise ArtifactCorrupt(
+            f"{artifact}/manifest.json: no 'files' list to check; re-copy or "
+            "rebuild the artifact"
+        )
+    root = artifact.resolve()
     for rel, entry in sorted(files.items()):
-        p = artifact / rel
-        if not p.is_file():
-            raise ArtifactCorrupt(f"{p}: missing; re-copy the artifact")
+        p = (artifact / rel).resolve()
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or root not in p.parents:
+            raise ArtifactCorrupt(f"{artifact}/manifest.json: unsafe path '{rel}'")
+        if not p.is_file() or (artifact / rel).is_symlink():
+            raise ArtifactCorrupt(f"{artifact / rel}: missing; re-copy the artifact")
         h = hashlib.sha256()
         with open(p, "rb") as f:
             while block := f.read(1 << 22):
                 h.update(block)
-        if h.hexdigest() != entry["sha256"]:
+        if not isinstance(entry, dict) or h.hexdigest() != entry.get("sha256"):
             raise ArtifactCorrupt(
-                f"{p}: sha256 does not match the manifest; the file was changed "
-                "or corrupted in transit: rebuild or re-copy the artifact"
+                f"{artifact / rel}: sha256 does not match the manifest; the file was "
+                "changed or corrupted in transit: rebuild or re-copy the artifact"
             )

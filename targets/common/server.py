@@ -180,8 +180,12 @@ class Handler(BaseHTTPRequestHandler):
         data = bytearray()
         while True:
             line = self.rfile.readline(1 << 16)
+            digits = line.split(b";")[0].strip()
             try:
-                size = int(line.split(b";")[0].strip(), 16)
+                # int(x, 16) takes "-1" and "+1"; a chunk size is hex digits only.
+                if not digits or digits.lstrip(b"0123456789abcdefABCDEF"):
+                    raise ValueError(digits)
+                size = int(digits, 16)
             except ValueError:
                 self.close_connection = True
                 raise ApiError(400, "malformed chunked request body") from None
