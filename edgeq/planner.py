@@ -369,7 +369,8 @@ def check_fits(plan: Plan, device, source=None, req: PlanRequest | None = None):
     raise PlanError(
         f"model needs {_gb(p['peak_memory_bytes'])} (weights "
         f"{_gb(p['weights_bytes'])} + KV cache {_gb(p['kv_cache_bytes'])} at "
-        f"{plan.runtime['context_length']} tokens + runtime "
+        f"{plan.runtime['context_length']} tokens + activations "
+        f"{_gb(p['activation_bytes'])} + runtime "
         f"{_gb(p['runtime_overhead_bytes'])}) but device '{device.name}' has "
         f"{_gb(limit)} usable{capped}; {hint}"
     )

@@ -11,6 +11,11 @@ not taken from edgeq, so a loader bug cannot hide behind a shared table.
 
 Sizes default to the shared cases' recipe (hidden 64, 2 layers, 4 heads,
 vocab 256): a deploy of one takes a few seconds.
+
+- tiny_config(arch, **overrides), tensor_shapes(config), random_tensors()
+- write_hf_model(folder, arch, shards=, lm_head=, **overrides), edit_config()
+- write_tokenizer(folder), save_safetensors(path, tensors)
+- write_gguf_model(path, arch, tie=, metadata=)
 """
 
 from __future__ import annotations

@@ -365,7 +365,7 @@ def does_not_fit(tmp):
     args = deploy_args(m, tmp / "dist/out", "rpi4-4gb", "--context", "100000000")
     return args, re.compile(
         r"model needs 2\d\.\d\d GB \(weights 0\.00 GB \+ KV cache 25\.60 GB at "
-        r"100000000 tokens \+ runtime.*\) but device 'rpi4-4gb' has 3\.22 GB "
+        r"100000000 tokens \+ .*runtime.*\) but device 'rpi4-4gb' has 3\.22 GB "
         r"usable; .+"
     )
 
@@ -400,6 +400,25 @@ def output_exists(tmp):
     return deploy_args(m, out), (
         f"output '{out}' already exists; pass --force to replace it or choose "
         "another --out"
+    )
+
+
+def force_over_a_non_artifact(tmp):
+    m = write_hf_model(tmp / "m")
+    out = tmp / "dist/existing"
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("the user's")
+    return deploy_args(m, out, MAC, "--force"), (
+        f"--out {out} exists and is not an edgeq artifact; --force replaces only "
+        "artifacts: remove it yourself or choose another --out"
+    )
+
+
+def force_over_the_model(tmp):
+    m = write_hf_model(tmp / "dist/existing")
+    (m / "keep.txt").write_text("the user's")
+    return deploy_args(m, m, MAC, "--force"), (
+        f"--out {m} is the model being read or holds it; choose another --out"
     )
 
 
@@ -459,6 +478,10 @@ BAD_INPUTS = {
     "unknown target": Bad(unknown_target),
     "unknown model name": Bad(unknown_model),
     "output exists, no --force": Bad(output_exists, out="dist/existing"),
+    "--force over a folder that is not an artifact": Bad(
+        force_over_a_non_artifact, out="dist/existing"
+    ),
+    "--force over the model being read": Bad(force_over_the_model, out="dist/existing"),
     "output path under a file": Bad(output_under_a_file, out="dist/file/out"),
     # fleet status writes nothing; the path only proves that.
     "bad field in fleet.toml": Bad(bad_fleet_host, out="fleet-out"),
@@ -670,8 +693,9 @@ def _full_while_writing_manifest(monkeypatch, out):
 def test_disk_full_mid_write_leaves_nothing(tmp_path, monkeypatch, fill, existing):
     model = write_hf_model(tmp_path / "m")
     out = tmp_path / "dist/out"
-    if existing:
+    if existing:  # an earlier artifact: --force may replace only those
         out.mkdir(parents=True)
+        (out / "manifest.json").write_text("{}")
         (out / "old.txt").write_text("previous build")
     fill(monkeypatch, out)
     extra = ["--force"] if existing else []
@@ -680,7 +704,7 @@ def test_disk_full_mid_write_leaves_nothing(tmp_path, monkeypatch, fill, existin
         result, f"disk full while writing {out}: free space and retry"
     )
     if existing:
-        assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "old.txt"]
         assert not leftovers(out.parent, out.name)
     else:
         assert_nothing_written(out)
@@ -695,6 +719,7 @@ def test_disk_full_while_packing_leaves_no_stale_archive(tmp_path, monkeypatch):
     out = tmp_path / "dist/out"
     old_archive = Path(str(out) + ".tar.gz")
     out.mkdir(parents=True)
+    (out / "manifest.json").write_text("{}")  # an earlier artifact
     old_archive.write_bytes(b"an archive of the previous build")
 
     def half_then_full(raw, *args):
@@ -711,3 +736,24 @@ def test_disk_full_while_packing_leaves_no_stale_archive(tmp_path, monkeypatch):
     artifact.verify(out)
     assert not leftovers(out.parent, out.name)
     assert not leftovers(out.parent, old_archive.name)
+
+
+# -- fleet: a host nobody answers on ---------------------------------------------
+
+
+def test_unreachable_host_is_reported_not_raised(tmp_path):
+    """`edgeq fleet status` names the host and why; a rollout that meets one
+    stops per policy (tests/test_fleet_ssh.py, against real sshd)."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        f'[fleet]\nmodel = "smollm2-135m"\nstate_dir = "{tmp_path}/state"\n'
+        '[hosts.gone]\naddress = "127.0.0.1"\nport = 1\n'  # nothing listens on 1
+        f'device = "rpi5-8gb"\ninstall_dir = "{tmp_path}/root"\n'
+    )
+    result = CliRunner().invoke(app, ["fleet", "status", str(fleet), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    (row,) = json.loads(result.stdout)
+    assert (row["host"], row["reachable"], row["health"]) == ("gone", False,
+                                                             "unreachable")  # fmt: skip
+    assert row["error"]  # ssh's own reason, e.g. "Connection refused"

@@ -597,18 +597,6 @@ def load_fleet_from(text: str, folder: Path) -> None:
     load_fleet(path)
 
 
-def _fleet_module_exists() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("edgeq.fleet.config") is not None
-
-
-fleet_only = pytest.mark.skipif(
-    not _fleet_module_exists(), reason="edgeq.fleet.config not written yet"
-)
-
-
-@fleet_only
 @given(where=st.sampled_from(FLEET_FIELDS), value=TOML)
 @fuzz(150)
 def test_every_field_of_fleet_toml(where, value, tmp_path_factory):
@@ -619,7 +607,6 @@ def test_every_field_of_fleet_toml(where, value, tmp_path_factory):
     either_ok_or_edgeq_error(load_fleet_from, fleet_text(sections), folder)
 
 
-@fleet_only
 @given(data=st.data())
 @fuzz(150)
 def test_fleet_toml_bytes(data, tmp_path_factory):
