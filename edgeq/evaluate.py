@@ -245,7 +245,7 @@ def run_quality_gate(
 
 def load_artifact(folder: Path, target: str | None = None):
     """The artifact's engine; `target` when the manifest is not written yet."""
-    from edgeq_targets.common.engine import load_engine
+    from edgeq_targets.common.engine import ArtifactCorrupt, load_engine
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -254,7 +254,10 @@ def load_artifact(folder: Path, target: str | None = None):
         raise ArtifactError(
             f"{folder}: no manifest.json; is this an artifact built by edgeq deploy?"
         )
-    return load_engine(folder, target=target, verify=target is None)
+    try:
+        return load_engine(folder, target=target, verify=target is None)
+    except ArtifactCorrupt as e:  # a file does not match the manifest
+        raise ArtifactError(str(e)) from None
 
 
 class SimulatedPlan(FloatReference):

@@ -84,14 +84,15 @@ def stories():
 
 def _build(src, plan, out):
     """An MLX artifact folder as deploy lays it out (minus the runner)."""
+    from edgeq.artifact import write_manifest
     from edgeq.backends import mlx_backend
 
     out.mkdir(parents=True, exist_ok=True)
     mlx_backend.build(src, plan, out)
     for name, data in src.tokenizer_files.items():
         (out / name).write_bytes(data)
-    manifest = {"target": "mlx", "model": {"source": str(STORIES_GGUF)}}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(out, {"target": "mlx", "runtime": {},
+                         "model": {"source": str(STORIES_GGUF)}})  # fmt: skip
     return out
 
 

@@ -32,7 +32,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def generate_main(args) -> int:
     from edgeq_targets.common.engine import GenerationConfig, load_engine
 
-    engine = load_engine(args.artifact or artifact_root(), threads=args.threads)
+    engine = load_engine(
+        args.artifact or artifact_root(), threads=args.threads, strict=True
+    )
     chat = False if args.no_chat else None
     ids = engine.encode_prompt(args.prompt, chat=chat)
     cfg = GenerationConfig(

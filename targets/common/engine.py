@@ -257,16 +257,18 @@ def _stop_hit(text: str, piece: str, stops: list[str]) -> int | None:
 
 
 def load_engine(artifact, threads: int | None = None, target: str | None = None,
-                verify: bool = True):
+                verify: bool = True, strict: bool = False):
     """Open the artifact folder with the engine its manifest names. With
-    `verify`, the manifest must list every file with its sha256 and each is
-    checked first, so a tampered or corrupted file is never loaded."""
+    `verify`, every file the manifest lists is checked against its sha256
+    first, so a tampered or corrupted file is never loaded. `strict` (the
+    device-side runner's commands) also refuses a manifest without a file
+    list, so deleting the list cannot switch the check off."""
     artifact = Path(artifact)
     path = artifact / "manifest.json"
     manifest = {}
-    if verify or target is None:
+    if verify or strict or target is None:
         manifest = read_manifest(path)
-    if verify:
+    if strict or (verify and "files" in manifest):
         verify_files(artifact, manifest.get("files"))
     target = target or manifest.get("target")
     try:

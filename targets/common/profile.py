@@ -221,7 +221,7 @@ def profile_artifact(artifact, cfg: ProfileConfig) -> list[dict]:
     memory = MemoryProbe(runtime_memory(target))
     memory.start()
     try:
-        engine = load_engine(artifact, threads=cfg.threads)
+        engine = load_engine(artifact, threads=cfg.threads, strict=True)
     except (ValueError, OSError, ImportError, ArtifactCorrupt) as e:
         raise ProfileFailed(f"{artifact}: cannot load: {e}") from None
     memory.stop("load")

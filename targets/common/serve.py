@@ -90,7 +90,9 @@ def serve_main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     threads = args.serve_threads or args.threads
     try:
-        engine = load_engine(args.artifact or artifact_root(), threads=threads)
+        engine = load_engine(
+            args.artifact or artifact_root(), threads=threads, strict=True
+        )
         server = make_server(engine, config_from_args(args))
     except (ArtifactCorrupt, ServeError, ValueError, ImportError) as e:
         print(f"Error: {e}", file=sys.stderr)
