@@ -287,7 +287,10 @@ class App:
                 )
             limit = min(limit, ctx - len(ids))
         n = limit if max_tokens is None else min(max_tokens, limit)
-        return GenerationConfig(max_tokens=n, **sampling)
+        try:
+            return GenerationConfig(max_tokens=n, **sampling)
+        except ValueError as e:  # GenerationConfig names the field at fault
+            raise ApiError(400, f"invalid sampling option: {e}") from None
 
     def submit(self, ids: list[int], cfg: GenerationConfig, received: float) -> Job:
         """Queue the generation; 503 with Retry-After when the queue is full."""
