@@ -57,8 +57,9 @@ def default_out(model_ref: str, device: str) -> Path:
     return Path("dist") / f"{name.lower()}-{device}"
 
 
-def prepare(req: DeployRequest):
+def prepare(req: DeployRequest, say=None):
     """Everything that can fail cheaply, before any heavy work."""
+    say = say or (lambda step, detail="": None)
     from edgeq.devices import get_device
     from edgeq.fsutil import check_output_location
     from edgeq.models import open_model
@@ -85,6 +86,8 @@ def prepare(req: DeployRequest):
     )  # fmt: skip
     if req.target_bpw is not None:
         preq.target_bpw = req.target_bpw
+        # Measuring sensitivity takes minutes the first time (then cached).
+        preq.progress = lambda done, total, name: say("tensor", f"sensitivity {name}")
     if req.plan_path:
         plan = Plan.load(req.plan_path)
         _check_replayed_plan(plan, source, target, device)
@@ -137,7 +140,7 @@ def deploy(req: DeployRequest, progress=None) -> DeployResult:
 
     say = progress or (lambda step, detail="": None)
     t0 = time.perf_counter()
-    device, target, out, source, plan = prepare(req)
+    device, target, out, source, plan = prepare(req, say)
     backend = load_backend(target)
     timings = {}
     # atomic_output_dir makes the parent folders, refusing with one line.

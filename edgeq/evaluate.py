@@ -179,12 +179,13 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def quality_gate(
     candidate, reference, max_ppl_increase: float, ids: list[int] | None = None,
-    target: str = "",
+    target: str = "", hint: str = "",
 ) -> dict:  # fmt: skip
     """Measure `candidate` against `reference` on `ids` (default: the first
     GATE_TOKENS tokens of the shipped hold-out text) and raise
-    QualityGateError, with the figures, when perplexity rose by more than
-    `max_ppl_increase` (0.25 = 25%). Returns the figures."""
+    QualityGateError, with the figures and `hint` (what to try), when
+    perplexity rose by more than `max_ppl_increase` (0.25 = 25%). Returns
+    the figures."""
     if ids is None:
         ids = gate_ids(reference.tokenizer)
     r = evaluate(candidate, ids, reference, window=len(ids), stride=len(ids))
@@ -195,22 +196,37 @@ def quality_gate(
         **{k: v for k, v in r.to_dict().items() if k not in ("window", "stride")},
     }
     if r.ppl_increase > max_ppl_increase:
-        figures["quality_gate"] = "failed"
-        raise QualityGateError(_gate_message(r, max_ppl_increase, target))
+        raise QualityGateError(_gate_message(r, max_ppl_increase, target, hint))
     log.info("quality gate passed: perplexity %+.1f%%", 100 * r.ppl_increase)
     return figures
 
 
-def _gate_message(r: EvalResult, limit: float, target: str) -> str:
+def _gate_message(r: EvalResult, limit: float, target: str, hint: str) -> str:
     where = f" the {target} target" if target else ""
+    hint = hint or "keep more bits (--bits 8, or a higher --target-bpw)"
     return (
         f"quality gate: perplexity rose {r.ppl_increase:.1%} over the float model "
         f"({r.reference_perplexity:.2f} -> {r.perplexity:.2f} on {r.tokens} tokens "
         f"of shipped text; top-1 agreement {r.top1_agreement:.1%}, KL "
-        f"{r.kl_mean:.3f} nats), more than the {limit:.0%}{where} allows; keep "
-        "more bits (--bits 8, or a higher --target-bpw), or accept it with "
-        f"--max-ppl-increase {math.ceil(r.ppl_increase * 100 + 1) / 100:g}"
+        f"{r.kl_mean:.3f} nats), more than the {limit:.0%}{where} allows; {hint}, "
+        f"or accept it with --max-ppl-increase "
+        f"{math.ceil(r.ppl_increase * 100 + 1) / 100:g}"
     )
+
+
+def gate_hint(plan) -> str:
+    """What to try when a plan fails the gate."""
+    quantized = [t for t in plan.tensors if t.quantized]
+    if plan.target == "onnxruntime" and any(
+        t.bits == 8 and t.group_size is None for t in quantized
+    ):
+        return (
+            "store INT8 as 8-bit blocks of 32 (the default plan: drop --bits 8) "
+            "or keep sensitive tensors in 16-bit (--override 'lm_head.weight=16')"
+        )
+    if any(t.bits < 8 for t in quantized):
+        return "keep more bits (--bits 8, or a higher --target-bpw)"
+    return "keep sensitive tensors in 16-bit (--override 'lm_head.weight=16')"
 
 
 def gate_ids(tokenizer, tokens: int = GATE_TOKENS) -> list[int]:
@@ -240,7 +256,9 @@ def run_quality_gate(
     )
     engine = load_artifact(artifact_dir, plan.target)
     reference = float_reference(source, max_positions=GATE_TOKENS + 8)
-    return quality_gate(engine, reference, limit, target=plan.target)
+    return quality_gate(
+        engine, reference, limit, target=plan.target, hint=gate_hint(plan)
+    )
 
 
 def load_artifact(folder: Path, target: str | None = None):

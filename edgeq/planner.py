@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -57,6 +58,7 @@ TARGET_BITS = {"mlx": (2, 3, 4, 6, 8), "onnxruntime": (2, 4, 8)}
 TABLE_MIN_BITS = 4
 # A 16-bit fallback this large (share of parameters) is a warning, not a note.
 BIG_TENSOR_SHARE = 0.01
+_LAYER = re.compile(r"\.layers\.\d+\.")
 
 
 @dataclass
@@ -340,12 +342,17 @@ def _warn(plan: Plan) -> None:
         )
     params = sum(t.numel for t in plan.tensors)
     fallbacks = [t for t in plan.tensors if t.reason == "shape-fallback"]
+    kept: dict[str, list[TensorPlan]] = {}
     for t in fallbacks:
-        share = t.numel / params if params else 0.0
-        if not t.quantized and share >= BIG_TENSOR_SHARE:
+        if not t.quantized:
+            kept.setdefault(_LAYER.sub(".layers.*.", t.name), []).append(t)
+    for pattern, group in kept.items():
+        share = sum(t.numel for t in group) / params if params else 0.0
+        if share >= BIG_TENSOR_SHARE:
+            cost = sum(t.storage_bytes() for t in group) / 1e6
             plan.warnings.append(
-                f"tensor '{t.name}' ({share:.1%} of the weights) stays in 16-bit: "
-                f"{t.note}"
+                f"{len(group)} tensor(s) '{pattern}' ({share:.1%} of the weights, "
+                f"{cost:.3f} MB) stay in 16-bit: {group[0].note}"
             )
     if fallbacks:
         plan.warnings.append(

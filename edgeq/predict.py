@@ -22,17 +22,18 @@ from __future__ import annotations
 
 # Share of peak bandwidth that decode reaches, by (target, device OS), used
 # when a device profile gives no decode_efficiency of its own. Calibrated on
-# the build machine (x86_64 VM, 2 cores, 23.5 GB/s measured by
-# `edgeq devices detect`'s copy test); README "Predicted speed" has the
-# runs. MLX on macOS cannot be measured here (no Apple GPU): its figure is
-# an assumption until a Mac run replaces it.
+# the build machine (2-vCPU x86_64 VM, `edgeq devices`' copy test for the
+# bandwidth) with `python bench/bench_plans.py efficiency`: SmolLM2-135M,
+# 1 thread, bench/results/plans-efficiency-20261204-191200.json. MLX on
+# macOS cannot be measured here (no Apple GPU): that figure is an
+# assumption until a Mac run replaces it.
 DECODE_EFFICIENCY = {
     ("onnxruntime", "linux"): (0.38, "measured: onnxruntime INT8 decode here"),
     ("onnxruntime", "macos"): (0.38, "measured on linux x86_64, unverified here"),
     ("mlx", "macos"): (0.65, "assumed, not measured (no Apple GPU here)"),
-    # MLX's CPU backend has no fast float16/quantized kernels: it is
-    # compute-bound on Linux, far from the memory roofline.
-    ("mlx", "linux"): (0.003, "measured: mlx CPU decode here"),
+    # MLX's CPU backend has no fast quantized kernels: compute-bound on
+    # Linux, far below the memory roofline.
+    ("mlx", "linux"): (0.019, "measured: mlx CPU decode here"),
 }
 FALLBACK_EFFICIENCY = (0.38, "default")
 # Bytes a runtime needs beyond weights and KV cache (interpreter, runtime

@@ -197,3 +197,17 @@ def test_load_artifact_without_manifest_needs_a_target(tmp_path):
 
     with pytest.raises(ArtifactError, match="no manifest.json"):
         load_artifact(tmp_path)
+
+
+def test_gate_hint_fits_the_plan(stories):
+    """Case C08: a per-channel INT8 plan that fails is pointed at 8-bit
+    blocks (SmolLM2: +51% perplexity per-channel, blocked; see README)."""
+    from edgeq.evaluate import gate_hint
+
+    x86 = get_device("x86-server-avx512-vnni")
+    per_channel = make_plan(stories, x86, PlanRequest("onnxruntime", bits=8))
+    assert "8-bit blocks of 32" in gate_hint(per_channel)
+    blocks = make_plan(stories, x86, PlanRequest("onnxruntime"))
+    assert "--override" in gate_hint(blocks)
+    four = make_plan(stories, get_device(MAC), PlanRequest("mlx"))
+    assert "--bits 8" in gate_hint(four)

@@ -298,26 +298,34 @@ def _mixed_overrides():
 
 
 @pytest.mark.parametrize("target", ["mlx", "onnxruntime"])
-@pytest.mark.parametrize("model", ["stories260K", "tiny-mixed"])
-def test_artifact_stores_exactly_the_plan(tmp_path, stories, target, model):
+@pytest.mark.parametrize("model", ["stories260K", "tiny-mixed", "stories-bpw"])
+def test_artifact_stores_exactly_the_plan(
+    tmp_path, monkeypatch, stories, target, model
+):
     """Each target compiles the plan its planner makes; reading the artifact
     back gives every tensor's bits and group as planned (mixed per-tensor
-    bits included)."""
+    bits included, from overrides and from --target-bpw)."""
     from edgeq.backends import load_backend
 
     backend = load_backend(target)
     if not hasattr(backend, "read_back"):
         pytest.skip(f"the {target} backend has no read_back yet")
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     if model == "stories260K":
         src, req = stories, PlanRequest(target)
+    elif model == "stories-bpw":
+        bpw = 6.9 if target == "mlx" else 5.5
+        src, req = stories, PlanRequest(target, target_bpw=bpw)
     else:
         src = RandomSource(llama(num_layers=3), seed=5)
         req = PlanRequest(target, bits=4, overrides=_mixed_overrides())
     plan = make_plan(src, get_device(MAC if target == "mlx" else X86), req)
-    if model == "tiny-mixed":
+    if model != "stories260K":
         assert len({(t.bits, t.group_size) for t in plan.tensors}) >= 3
-    backend.build(src, plan, tmp_path)
-    stored = backend.read_back(tmp_path)
+    out = tmp_path / "artifact"
+    out.mkdir()
+    backend.build(src, plan, out)
+    stored = backend.read_back(out)
     assert stored == {t.name: (t.bits, t.group_size) for t in plan.tensors}
 
 

@@ -119,7 +119,7 @@ def eval_cmd(
     """Perplexity, top-1 agreement and KL of an artifact against its float model."""
     from edgeq.evaluate import evaluate_artifact
 
-    _stderr().print(f"evaluating {artifact} (MLX on a Linux CPU is slow: minutes)")
+    _stderr().print(f"evaluating {artifact} against its float model")
     result = evaluate_artifact(
         artifact, text=text, source=source, max_tokens=max_tokens,
         window=window, stride=stride,
