@@ -7,7 +7,6 @@ import hashlib
 import json
 import re
 
-import numpy as np
 import pytest
 
 from tests.conftest import STORIES_GREEDY, TEXT_DIR
@@ -17,10 +16,10 @@ def test_float_stories_reproduces_documented_greedy_text(build_dir, stories_gguf
     """16-bit MLX artifact: both our runner and mlx_lm.generate produce the
     continuation stories260K's author documents (loader, tokenizer rebuilt
     from GGUF, Q/K un-permutation and config all have to be right)."""
+    from edgeq_targets.common.engine import GenerationConfig, load_engine
     from mlx_lm import generate, load
 
     from edgeq.deploy import DeployRequest, deploy
-    from edgeq_targets.common.engine import GenerationConfig, load_engine
 
     out = build_dir / "stories-f16"
     deploy(DeployRequest(str(stories_gguf), "macbook-air-m2-16gb", out=out, bits=16,
@@ -85,9 +84,8 @@ def _english_words() -> set[str]:
 def test_smollm2_4bit_generates_english_with_mlx_lm(smollm2_mlx):
     """The README's main job: mlx_lm.load reads the artifact and greedy
     generation is English (words found in the project's English texts)."""
-    from mlx_lm import generate, load
-
     from edgeq_targets.mlx.mlx_engine import _upcast_for_cpu
+    from mlx_lm import generate, load
 
     model, tokenizer = load(str(smollm2_mlx.folder))
     # MLX's float16 CPU kernels are ~30x slower than float32 on Linux; the

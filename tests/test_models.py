@@ -102,7 +102,6 @@ def test_tokenizer_rebuilt_from_gguf_round_trips(stories_gguf):
 
 
 def test_smollm2_tokenizer_and_chat_template():
-    from edgeq_targets.common.engine import TextCodec
 
     m = open_model("smollm2-135m")
     assert m.config.tie_word_embeddings and m.config.num_kv_heads == 3

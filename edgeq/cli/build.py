@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,23 +21,24 @@ def _stderr_console():
 def deploy(
     model: str = typer.Argument("smollm2-135m", help="Model folder, .gguf file or known name."),
     device: str = typer.Option(..., "--device", "-d", help="Device profile name (edgeq devices)."),
-    target: Optional[str] = typer.Option(None, help="mlx or onnxruntime; default: the device's."),
-    out: Optional[Path] = typer.Option(None, help="Output folder [default: dist/<model>-<device>]."),
+    target: str | None = typer.Option(None, help="mlx or onnxruntime; default: the device's."),
+    out: Path | None = typer.Option(None, help="Output folder [default: dist/<model>-<device>]."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    bits: Optional[int] = typer.Option(None, help="Bits per weight: 2, 3, 4, 6, 8 (16 keeps float)."),
-    group_size: Optional[int] = typer.Option(None, help="Group size: 32, 64 or 128."),
-    target_bpw: Optional[float] = typer.Option(None, help="Mixed precision within this bits/weight budget."),
+    bits: int | None = typer.Option(None, help="Bits per weight: 2, 3, 4, 6, 8 (16 keeps float)."),
+    group_size: int | None = typer.Option(None, help="Group size: 32, 64 or 128."),
+    target_bpw: float | None = typer.Option(None, help="Mixed precision within this bits/weight budget."),
     context: int = typer.Option(4096, help="Context length the memory check assumes."),
-    plan: Optional[Path] = typer.Option(None, help="Replay a saved plan (edgeq plan --out)."),
-    max_ppl_increase: Optional[float] = typer.Option(None, help="Quality gate: allowed perplexity increase over the float model, 0.05 = 5%. Default: 0.05 for 8-bit plans, 0.5 for 4-bit and lower."),
+    plan: Path | None = typer.Option(None, help="Replay a saved plan (edgeq plan --out)."),
+    max_ppl_increase: float | None = typer.Option(None, help="Quality gate: allowed perplexity increase over the float model, 0.05 = 5%. Default: 0.05 for 8-bit plans, 0.5 for 4-bit and lower."),
     no_quality_gate: bool = typer.Option(False, "--no-quality-gate", help="Skip the quality gate."),
     smoke_tokens: int = typer.Option(16, help="Tokens the smoke test generates."),
     no_archive: bool = typer.Option(False, "--no-archive", help="Skip the .tar.gz."),
-    tie_embeddings: Optional[bool] = typer.Option(None, "--tie-embeddings/--untie-embeddings", help="Override the config's tie_word_embeddings."),
+    tie_embeddings: bool | None = typer.Option(None, "--tie-embeddings/--untie-embeddings", help="Override the config's tie_word_embeddings."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Package MODEL for a device: quantize, add the runner, smoke-test, archive."""
-    from edgeq.deploy import DeployRequest, deploy as run_deploy
+    from edgeq.deploy import DeployRequest
+    from edgeq.deploy import deploy as run_deploy
 
     req = DeployRequest(
         model=model, device=device, target=target, out=out, force=force,
@@ -137,18 +137,21 @@ def run(
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_k: int = typer.Option(0, help="Sample from the k likeliest (0 = off)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (onnxruntime)."),
+    seed: int | None = typer.Option(None, help="Random seed for sampling."),
+    threads: int | None = typer.Option(None, help="CPU threads (onnxruntime)."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Send the prompt raw, without the chat template."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
 ):
     """Generate text with an artifact; streams tokens, ends with tokens/s."""
-    from edgeq.artifact import verify
-    from edgeq.errors import ArtifactError
     from edgeq_targets.common.cli import format_stats
     from edgeq_targets.common.engine import (
-        ArtifactCorrupt, GenerationConfig, load_engine,
+        ArtifactCorrupt,
+        GenerationConfig,
+        load_engine,
     )  # fmt: skip
+
+    from edgeq.artifact import verify
+    from edgeq.errors import ArtifactError
 
     try:
         cfg = GenerationConfig(

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -78,7 +79,7 @@ class Engine(Protocol):
     name: str  # "mlx" | "onnxruntime"
     artifact: Path
     manifest: dict
-    tokenizer: "TextCodec"
+    tokenizer: TextCodec
     load_seconds: float
     last_stats: GenerationStats
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from edgeq_targets.common.engine import (
     GenerationConfig,
     GenerationStats,
