@@ -32,12 +32,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
     add_completion=False,
+    # Help texts hold brackets ("PATTERN=BITS[/GROUP]", "[default: ...]")
+    # that rich would read as markup and swallow or crash on.
+    rich_markup_mode=None,
 )
 
 
 def sub_app(name: str, help: str) -> typer.Typer:
     """A command group (`edgeq NAME ...`) with the same error handling."""
-    group = typer.Typer(cls=_EdgeqGroup, help=help, no_args_is_help=True)
+    group = typer.Typer(
+        cls=_EdgeqGroup, help=help, no_args_is_help=True, rich_markup_mode=None
+    )
     app.add_typer(group, name=name)
     return group
 
