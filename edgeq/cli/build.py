@@ -19,21 +19,47 @@ def _stderr_console():
 
 @app.command()
 def deploy(
-    model: str = typer.Argument("smollm2-135m", help="Model folder, .gguf file or known name."),
-    device: str = typer.Option(..., "--device", "-d", help="Device profile name (edgeq devices)."),
-    target: str | None = typer.Option(None, help="mlx or onnxruntime; default: the device's."),
-    out: Path | None = typer.Option(None, help="Output folder [default: dist/<model>-<device>]."),
+    model: str = typer.Argument(
+        "smollm2-135m", help="Model folder, .gguf file or known name."
+    ),
+    device: str = typer.Option(
+        ..., "--device", "-d", help="Device profile name (edgeq devices)."
+    ),
+    target: str | None = typer.Option(
+        None, help="mlx or onnxruntime; default: the device's."
+    ),
+    out: Path | None = typer.Option(
+        None, help="Output folder [default: dist/<model>-<device>]."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    bits: int | None = typer.Option(None, help="Bits per weight: 2, 3, 4, 6, 8 (16 keeps float)."),
+    bits: int | None = typer.Option(
+        None, help="Bits per weight: 2, 3, 4, 6, 8 (16 keeps float)."
+    ),
     group_size: int | None = typer.Option(None, help="Group size: 32, 64 or 128."),
-    target_bpw: float | None = typer.Option(None, help="Mixed precision within this bits/weight budget."),
+    target_bpw: float | None = typer.Option(
+        None, help="Mixed precision within this bits/weight budget."
+    ),
     context: int = typer.Option(4096, help="Context length the memory check assumes."),
-    plan: Path | None = typer.Option(None, help="Replay a saved plan (edgeq plan --out)."),
-    max_ppl_increase: float | None = typer.Option(None, help="Quality gate: allowed perplexity increase over the float model, 0.05 = 5%. Default: 0.05 for 8-bit plans, 0.5 for 4-bit and lower."),
-    no_quality_gate: bool = typer.Option(False, "--no-quality-gate", help="Skip the quality gate."),
+    plan: Path | None = typer.Option(
+        None, help="Replay a saved plan (edgeq plan --out)."
+    ),
+    max_ppl_increase: float | None = typer.Option(
+        None,
+        help=(
+            "Quality gate: allowed perplexity increase over the float model, "
+            "0.05 = 5%. Default: 0.05 for 8-bit plans, 0.5 for 4-bit and lower."
+        ),
+    ),
+    no_quality_gate: bool = typer.Option(
+        False, "--no-quality-gate", help="Skip the quality gate."
+    ),
     smoke_tokens: int = typer.Option(16, help="Tokens the smoke test generates."),
     no_archive: bool = typer.Option(False, "--no-archive", help="Skip the .tar.gz."),
-    tie_embeddings: bool | None = typer.Option(None, "--tie-embeddings/--untie-embeddings", help="Override the config's tie_word_embeddings."),
+    tie_embeddings: bool | None = typer.Option(
+        None,
+        "--tie-embeddings/--untie-embeddings",
+        help=("Override the config's tie_word_embeddings."),
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Package MODEL for a device: quantize, add the runner, smoke-test, archive."""
@@ -79,7 +105,9 @@ class _DeployProgress:
         if step == "tensor":
             if self.bar is None:
                 self._start_bar()
-            self.bar.update(self.task, advance=1, description=f"quantizing {detail[:40]}")
+            self.bar.update(
+                self.task, advance=1, description=f"quantizing {detail[:40]}"
+            )
             return
         self._stop_bar()
         self.console.print(f"[dim]{step}[/dim] {detail}")
@@ -105,14 +133,19 @@ def _print_summary(result) -> None:
     t.add_row("artifact", f"{result.folder}  (id {m['artifact_id']})")
     if result.archive:
         t.add_row("archive", str(result.archive))
-    t.add_row("size", f"{size / 1e6:.1f} MB on disk, weights {p['weights_bytes'] / 1e6:.1f} MB")
+    t.add_row(
+        "size",
+        f"{size / 1e6:.1f} MB on disk, weights {p['weights_bytes'] / 1e6:.1f} MB",
+    )
     t.add_row("bits per weight", f"{p['bits_per_weight']:.2f}")
     t.add_row(
         "memory",
         f"{p['peak_memory_bytes'] / 1e9:.2f} GB needed at {m['plan']['runtime']['context_length']}"
         f" tokens of context, {p['usable_memory_bytes'] / 1e9:.1f} GB usable",
     )
-    t.add_row("predicted decode", f"{p['decode_tokens_per_s']:.0f} tokens/s on the device")
+    t.add_row(
+        "predicted decode", f"{p['decode_tokens_per_s']:.0f} tokens/s on the device"
+    )
     q = m["measured"]
     if "ppl_increase" in q:
         t.add_row(
@@ -139,7 +172,9 @@ def run(
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
     seed: int | None = typer.Option(None, help="Random seed for sampling."),
     threads: int | None = typer.Option(None, help="CPU threads (onnxruntime)."),
-    no_chat: bool = typer.Option(False, "--no-chat", help="Send the prompt raw, without the chat template."),
+    no_chat: bool = typer.Option(
+        False, "--no-chat", help="Send the prompt raw, without the chat template."
+    ),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
 ):
     """Generate text with an artifact; streams tokens, ends with tokens/s."""
@@ -211,4 +246,6 @@ def targets(json_out: bool = typer.Option(False, "--json")):
         return
     for t in TARGETS.values():
         bits = ",".join(map(str, t.bits))
-        typer.echo(f"{t.name:12} {t.description}; bits {bits}; runs on {'/'.join(t.os)}")
+        typer.echo(
+            f"{t.name:12} {t.description}; bits {bits}; runs on {'/'.join(t.os)}"
+        )
