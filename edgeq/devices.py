@@ -404,9 +404,8 @@ _LINUX_FLAGS = {
     "bf16": "bf16",
 }
 
-# macOS sysctl key -> edgeq ISA flag.
-# TODO: Intel Macs with AVX-512 VNNI (2019 Mac Pro, 2020 13-inch MacBook Pro)
-# report it only in machdep.cpu.leaf7_features; read that to detect VNNI there.
+# macOS sysctl key -> edgeq ISA flag. Intel Macs list AVX2 and AVX-512 VNNI
+# among the words of machdep.cpu.leaf7_features instead (see parse_sysctl).
 _SYSCTL_FLAGS = {
     "hw.optional.AdvSIMD": "neon",
     "hw.optional.neon": "neon",
@@ -464,10 +463,11 @@ def parse_cpuinfo(text: str) -> CpuInfo:
 def parse_sysctl(text: str) -> CpuInfo:
     """CPU model and ISA flags from macOS ``sysctl hw.optional machdep.cpu``."""
     fields = _colon_fields(text, lower=False)
-    isa = _ordered(
-        flag for key, flag in _SYSCTL_FLAGS.items() if fields.get(key, "0") == "1"
-    )
-    return CpuInfo(fields.get("machdep.cpu.brand_string"), isa)
+    flags = [flag for key, flag in _SYSCTL_FLAGS.items() if fields.get(key, "0") == "1"]
+    leaf7 = fields.get("machdep.cpu.leaf7_features", "").upper().split()
+    words = {"AVX2": "avx2", "AVX512F": "avx512f", "AVX512VNNI": "avx512_vnni"}
+    flags += [flag for word, flag in words.items() if word in leaf7]
+    return CpuInfo(fields.get("machdep.cpu.brand_string"), _ordered(flags))
 
 
 def measure_bandwidth_gbs(

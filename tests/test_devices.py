@@ -551,3 +551,16 @@ def test_cli_unknown_device_is_one_error_line():
         "'rpi4-8gb'? `edgeq devices` lists them all, `edgeq devices detect` "
         "profiles this machine\n"
     )
+
+
+def test_intel_mac_reports_vnni_through_leaf7_features():
+    from edgeq.devices import parse_sysctl
+
+    text = (
+        "machdep.cpu.brand_string: Intel(R) Core(TM) i7-1068NG7 CPU @ 2.30GHz\n"
+        "machdep.cpu.leaf7_features: RDWRFSGS TSC_THREAD_OFFSET SGX BMI1 AVX2 "
+        "FDPEO SMEP BMI2 ERMS INVPCID FPU_CSDS AVX512F AVX512DQ AVX512VNNI\n"
+    )
+    info = parse_sysctl(text)
+    assert "avx2" in info.isa and "avx512_vnni" in info.isa and "avx512f" in info.isa
+    assert "neon" not in info.isa

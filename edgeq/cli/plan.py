@@ -42,6 +42,12 @@ def _stderr():
 Opt = typer.Option
 
 
+_BPW_HELP = "Mixed precision from measured sensitivity within this bits/weight budget."
+_OVERRIDE_HELP = "PATTERN=BITS[/GROUP], e.g. 'lm_head.weight=8' (repeatable)."
+_TEXT_HELP = "UTF-8 text to score [default: the project's evaluation text]."
+_SOURCE_HELP = "Float model to compare with [default: the manifest's]."
+
+
 @app.command("plan")
 def plan_cmd(
     model: Annotated[str, typer.Argument(help="Model folder, .gguf file or known name.")],
@@ -49,11 +55,11 @@ def plan_cmd(
     target: Annotated[str | None, Opt(help="mlx or onnxruntime; default: the device's.")] = None,
     bits: Annotated[int | None, Opt(help="Uniform bits: 2, 3, 4, 6, 8 (16 keeps float).")] = None,
     group_size: Annotated[int | None, Opt(help="Group size: 32, 64 or 128.")] = None,
-    target_bpw: Annotated[float | None, Opt(help="Mixed precision from measured sensitivity within this bits/weight budget.")] = None,
+    target_bpw: Annotated[float | None, Opt(help=_BPW_HELP)] = None,
     max_memory: Annotated[str | None, Opt(help="Cap usable memory, e.g. 2GB.")] = None,
     context: Annotated[int, Opt(help="Context length for the KV cache.")] = 4096,
     kv_bits: Annotated[int, Opt(help="KV cache precision in bits.")] = 16,
-    override: Annotated[list[str] | None, Opt(help="PATTERN=BITS[/GROUP], e.g. 'lm_head.weight=8' (repeatable).")] = None,
+    override: Annotated[list[str] | None, Opt(help=_OVERRIDE_HELP)] = None,
     all_rows: Annotated[bool, Opt("--all", help="One row per tensor.")] = False,
     json_out: Annotated[bool, Opt("--json", help="Print the plan document.")] = False,
     out: Annotated[Path | None, Opt(help="Save the plan for `edgeq deploy --plan`.")] = None,
@@ -109,8 +115,8 @@ class _SensitivityProgress:
 @app.command("eval")
 def eval_cmd(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder (edgeq deploy).")],
-    text: Annotated[Path | None, Opt(help="UTF-8 text to score [default: the project's evaluation text].")] = None,
-    source: Annotated[str | None, Opt(help="Float model to compare with [default: the manifest's].")] = None,
+    text: Annotated[Path | None, Opt(help=_TEXT_HELP)] = None,
+    source: Annotated[str | None, Opt(help=_SOURCE_HELP)] = None,
     max_tokens: Annotated[int, Opt(help="Score at most this many tokens.")] = 1024,
     window: Annotated[int, Opt(help="Sliding window length in tokens.")] = 512,
     stride: Annotated[int, Opt(help="Tokens the window moves each step.")] = 256,

@@ -79,7 +79,8 @@ class ModelSource:
             yield name, self.read(name)
 
     def _read(self, name: str, rows: slice | None) -> np.ndarray:
-        raise NotImplementedError
+        """Read one tensor; every loader (HFFolder, GGUFModel) overrides it."""
+        raise TypeError(f"{type(self).__name__} does not implement _read")
 
     # -- summary -------------------------------------------------------------
     @property
